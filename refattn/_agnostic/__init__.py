@@ -1,0 +1,1 @@
+"""Pure array-API implementations (no library-specific calls anywhere below here)."""

@@ -1,0 +1,167 @@
+"""Shape, dtype and option checks with exact, actionable messages.
+
+Every check names the argument, what it saw and what it expected, so that a user
+feeding a test harness finds the mistake from the message alone. Nothing here looks
+at array values except where a rule is about values (dropout_p, scale).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "AttentionShapes",
+    "broadcast_shapes",
+    "check_alignment",
+    "check_broadcastable",
+    "check_choice",
+    "check_dropout_p",
+    "check_qkv",
+    "check_scale",
+]
+
+
+def broadcast_shapes(*shapes: Sequence[int]) -> tuple[int, ...]:
+    """Broadcast shapes by NumPy's rules; raise ValueError naming the clash."""
+    ndim = max((len(s) for s in shapes), default=0)
+    result = []
+    for axis in range(-ndim, 0):
+        sizes = {s[axis] for s in shapes if len(s) >= -axis and s[axis] != 1}
+        if len(sizes) > 1:
+            raise ValueError(f"shapes {', '.join(map(str, map(tuple, shapes)))} do not broadcast")
+        result.append(sizes.pop() if sizes else 1)
+    return tuple(result)
+
+
+@dataclass(frozen=True)
+class AttentionShapes:
+    """Sizes of one attention problem, in the shape legend of the docs.
+
+    ``batch`` is the broadcast of the leading dims of q, k and v; ``ndim`` the rank of
+    the output (the largest input rank, at least 2; rank 2 means there is no head axis).
+    """
+
+    batch: tuple[int, ...]
+    H: int
+    K: int
+    Kv: int
+    L: int
+    S: int
+    E: int
+    Ev: int
+    ndim: int
+
+    @property
+    def scores(self) -> tuple[int, ...]:
+        """Shape of the full score matrix (*batch, H, L, S)."""
+        return (*self.batch, self.H, self.L, self.S)
+
+    @property
+    def out(self) -> tuple[int, ...]:
+        """Shape of the output as returned to the user."""
+        full = (*self.batch, self.H, self.L, self.Ev)
+        return full[-self.ndim:] if self.ndim >= 3 else (self.L, self.Ev)
+
+    @property
+    def user_scores(self) -> tuple[int, ...]:
+        """Shape of the weights as returned to the user (rank follows the output)."""
+        return self.scores[-self.ndim:] if self.ndim >= 3 else (self.L, self.S)
+
+
+def _heads(x: Any) -> int:
+    return x.shape[-3] if x.ndim >= 3 else 1
+
+
+def check_qkv(q: Any, k: Any, v: Any) -> AttentionShapes:
+    """Check q (..., H, L, E), k (..., K, S, E), v (..., Kv, S, Ev) against each other."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.ndim < 2:
+            raise ValueError(
+                f"{name} must be at least 2-D (..., L or S, head dim); got shape {tuple(x.shape)}"
+            )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(
+            f"q, k and v must share one dtype; got q {q.dtype}, k {k.dtype}, v {v.dtype}"
+        )
+    if k.shape[-1] != q.shape[-1]:
+        raise ValueError(
+            f"k's head dim E must equal q's: q has shape {tuple(q.shape)} (E={q.shape[-1]}), "
+            f"k has shape {tuple(k.shape)} (E={k.shape[-1]})"
+        )
+    if v.shape[-2] != k.shape[-2]:
+        raise ValueError(
+            f"v must have as many positions S as k: k has shape {tuple(k.shape)} "
+            f"(S={k.shape[-2]}), v has shape {tuple(v.shape)} (S={v.shape[-2]})"
+        )
+    H, K, Kv = _heads(q), _heads(k), _heads(v)
+    for name, n in (("k", K), ("v", Kv)):
+        if n == 0 or H % n:
+            raise ValueError(
+                f"{name}'s head count must divide q's (grouped-query attention): q has "
+                f"H={H} heads, {name} has {n} (shapes q {tuple(q.shape)}, "
+                f"{name} {tuple(k.shape if name == 'k' else v.shape)})"
+            )
+    try:
+        batch = broadcast_shapes(*(tuple(x.shape[:-3]) for x in (q, k, v)))
+    except ValueError:
+        raise ValueError(
+            "the leading (batch) dims of q, k and v must broadcast; got shapes "
+            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        ) from None
+    return AttentionShapes(
+        batch=batch, H=H, K=K, Kv=Kv, L=q.shape[-2], S=k.shape[-2], E=q.shape[-1],
+        Ev=v.shape[-1], ndim=max(q.ndim, k.ndim, v.ndim),
+    )
+
+
+def check_broadcastable(name: str, x: Any, target: tuple[int, ...], legend: str) -> None:
+    """Raise ValueError unless ``x`` broadcasts to ``target`` without growing it."""
+    shape = tuple(x.shape)
+    ok = len(shape) <= len(target) and all(
+        s in (1, t) for s, t in zip(shape[::-1], target[::-1], strict=False)
+    )
+    if not ok:
+        raise ValueError(
+            f"{name} of shape {shape} does not broadcast to the score shape {target} {legend}"
+        )
+
+
+def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
+    """Raise ValueError unless ``value`` is one of ``choices``."""
+    if not any(value is c or (isinstance(value, str) and value == c) for c in choices):
+        shown = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"{name} must be one of {shown}; got {value!r}")
+
+
+def check_alignment(alignment: Any) -> None:
+    """Validate the causal/window alignment name."""
+    check_choice("alignment", alignment, ("top_left", "bottom_right"))
+
+
+def _real_number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number; got {type(value).__name__} {value!r}")
+    return float(value)
+
+
+def check_scale(scale: Any, E: int) -> float:
+    """Return the softmax scale: ``1/sqrt(E)`` for None, else a finite real number."""
+    if scale is None:
+        # E == 0 would divide by zero; the scores are then all 0 whatever the scale.
+        return 1.0 / math.sqrt(E) if E > 0 else 1.0
+    value = _real_number("scale", scale)
+    if not math.isfinite(value):
+        raise ValueError(f"scale must be finite (zero and negative values are allowed); got {value}")
+    return value
+
+
+def check_dropout_p(dropout_p: Any) -> float:
+    """Return ``dropout_p`` as a float in [0, 1]."""
+    value = _real_number("dropout_p", dropout_p)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"dropout_p must lie in [0, 1]; got {value}")
+    return value

@@ -1,0 +1,111 @@
+"""Shared fixtures: the ``xp`` backend fixture and hypothesis profiles.
+
+The suite runs the same tests on NumPy, array-api-strict and torch-CPU tensors (and
+on CuPy where a GPU is present) through the ``backend`` fixture, which converts NumPy
+test data into the backend's arrays and back.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "ci", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+    derandomize=True, print_blob=True,
+)
+settings.register_profile(
+    "dev", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+    print_blob=True,
+)
+settings.register_profile(
+    "nightly", max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+    print_blob=True,
+)
+settings.load_profile(
+    os.environ.get("REFATTN_HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev")
+)
+
+
+def cuda_available() -> bool:
+    """True only where CuPy can really run arrays (it imports without a GPU)."""
+    try:
+        import cupy
+
+        return bool(cupy.cuda.is_available())
+    except Exception:
+        return False
+
+
+@dataclass
+class Backend:
+    """One array library as seen by the tests."""
+
+    name: str
+    xp: Any
+    asarray: Callable[[np.ndarray], Any]
+    to_numpy: Callable[[Any], np.ndarray]
+
+
+def _numpy_backend() -> Backend:
+    import array_api_compat.numpy as xnp
+
+    return Backend("numpy", xnp, lambda a: np.asarray(a), lambda x: np.asarray(x))
+
+
+def _strict_backend() -> Backend:
+    import array_api_strict as xs
+
+    def to_numpy(x: Any) -> np.ndarray:
+        return np.asarray(x.__array__()) if hasattr(x, "__array__") else np.from_dlpack(x)
+
+    return Backend("array_api_strict", xs, lambda a: xs.asarray(np.asarray(a)), to_numpy)
+
+
+def _torch_backend() -> Backend:
+    torch = pytest.importorskip("torch")
+    import array_api_compat.torch as xt
+
+    return Backend(
+        "torch", xt, lambda a: torch.from_numpy(np.array(a, copy=True)),
+        lambda x: x.detach().cpu().numpy(),
+    )
+
+
+def _cupy_backend() -> Backend:
+    import array_api_compat.cupy as xc
+    import cupy
+
+    return Backend("cupy", xc, lambda a: cupy.asarray(a), lambda x: cupy.asnumpy(x))
+
+
+BACKENDS = {
+    "numpy": _numpy_backend,
+    "array_api_strict": _strict_backend,
+    "torch": _torch_backend,
+    "cupy": _cupy_backend,
+}
+
+
+@pytest.fixture(
+    params=[
+        "numpy",
+        "array_api_strict",
+        pytest.param("torch", marks=pytest.mark.torch),
+        pytest.param(
+            "cupy",
+            marks=[
+                pytest.mark.cuda,
+                pytest.mark.skipif(not cuda_available(), reason="no CUDA device"),
+            ],
+        ),
+    ]
+)
+def backend(request: pytest.FixtureRequest) -> Backend:
+    """Each array library the suite runs on."""
+    return BACKENDS[request.param]()
