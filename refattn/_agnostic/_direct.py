@@ -71,8 +71,11 @@ def direct_attention(
     if bias is not None:
         scores = scores + bias
     if allowed is not None:
+        # Added as 0 / -inf (not selected with where) so that a NaN or +inf score at a
+        # masked position still poisons its row, exactly as torch's additive masks do.
+        zero = xp.asarray(0.0, dtype=scores.dtype, device=scores.device)
         neg_inf = xp.asarray(-xp.inf, dtype=scores.dtype, device=scores.device)
-        scores = xp.where(allowed, scores, neg_inf)
+        scores = scores + xp.where(allowed, zero, neg_inf)
     weights, lse = masked_softmax(scores, masked_rows=masked_rows, xp=xp)
     dropped = weights
     if keep is not None:
