@@ -172,8 +172,13 @@ def _run_math(case: Case, dtype: Any) -> Any:
         # The math kernel's test hook is the only torch entry point that takes an
         # explicit keep-mask, so dropout is checkable bit for bit.
         keep = torch.from_numpy(case.dropout_mask)
+        mask = a["attn_mask"]
+        if mask is not None and mask.dtype == torch.bool:
+            # The op adds its mask; F.scaled_dot_product_attention converts a boolean
+            # one to 0 / -inf before dispatching, and so must we.
+            mask = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, float("-inf"))
         return torch.ops.aten._scaled_dot_product_attention_math(
-            a["query"], a["key"], a["value"], a["attn_mask"], case.dropout_p, case.is_causal,
+            a["query"], a["key"], a["value"], mask, case.dropout_p, case.is_causal,
             keep, scale=case.scale, enable_gqa=case.enable_gqa,
         )[0]
     from torch.nn.attention import SDPBackend, sdpa_kernel

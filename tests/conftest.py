@@ -93,6 +93,7 @@ BACKENDS = {
 
 
 @pytest.fixture(
+    scope="session",
     params=[
         "numpy",
         "array_api_strict",
@@ -107,5 +108,6 @@ BACKENDS = {
     ]
 )
 def backend(request: pytest.FixtureRequest) -> Backend:
-    """Each array library the suite runs on."""
+    """Each array library the suite runs on (session-scoped: it holds no state, and
+    hypothesis tests may then use it without a function-scoped-fixture warning)."""
     return BACKENDS[request.param]()
