@@ -58,7 +58,7 @@ def _print_table(reports: list, out: TextIO) -> None:
                  else "-")
         rows.append((r.group, r.backend, r.dtype, str(r.cases), ratio, r.verdict))
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
-    line = "  ".join("{:<%d}" % w for w in widths)
+    line = "  ".join(f"{{:<{w}}}" for w in widths)
     print(line.format(*header), file=out)
     print("  ".join("-" * w for w in widths), file=out)
     for row in rows:

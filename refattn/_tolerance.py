@@ -30,11 +30,11 @@ def rounding_bound(
     dropout_p: float = 0.0,
     dtype: np.dtype | type = np.float64,
 ) -> float:
-    """Bound on |out - exact| of one attention in ``dtype``, times two (for a comparison).
+    """Bound on ``|out - exact|`` of one attention in ``dtype``, times two (for a comparison).
 
     With unit roundoff u, a logit ``scale * q_i . k_j`` (plus bias) carries an error
     ``delta <= (E + 2) u A``, A the largest ``|scale| sum_e |q_ie||k_je|`` (plus the
-    largest |bias|). A logit error delta changes each softmax weight by a relative
+    largest ``|bias|``). A logit error delta changes each softmax weight by a relative
     2 delta (first order); exp, the row sum and the division add (S + 3) u relative;
     the weighted sum over S values adds S u. So one implementation is off by at most
     ``max|V| (2 delta + (2S + 3) u) / (1 - dropout_p)``; two, by twice that.
@@ -93,7 +93,7 @@ def rounding_bound(
 
 
 def max_abs_error(actual: np.ndarray, desired: np.ndarray) -> float:
-    """Largest |actual - desired| over entries where both are finite (0 if none)."""
+    """Largest ``|actual - desired|`` over entries where both are finite (0 if none)."""
     a = np.asarray(actual, dtype=np.float64)
     d = np.asarray(desired, dtype=np.float64)
     both = np.isfinite(a) & np.isfinite(d)

@@ -155,7 +155,9 @@ def check_scale(scale: Any, E: int) -> float:
         return 1.0 / math.sqrt(E) if E > 0 else 1.0
     value = _real_number("scale", scale)
     if not math.isfinite(value):
-        raise ValueError(f"scale must be finite (zero and negative values are allowed); got {value}")
+        raise ValueError(
+            f"scale must be finite (zero and negative values are allowed); got {value}"
+        )
     return value
 
 

@@ -51,7 +51,8 @@ def test_batch_dims_that_do_not_broadcast():
 
 @pytest.mark.parametrize("dtype", [np.int64, np.complex128, np.bool_])
 def test_non_real_floating_data(dtype):
-    with pytest.raises(TypeError, match=rf"q must have a real floating dtype.*got {np.dtype(dtype)}"):
+    match = rf"q must have a real floating dtype.*got {np.dtype(dtype)}"
+    with pytest.raises(TypeError, match=match):
         call(q=Q.astype(dtype))
 
 

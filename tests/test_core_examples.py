@@ -113,7 +113,8 @@ def test_nan_in_one_query_row_stays_in_that_row(backend):
 
 def test_zero_scale_gives_the_mean_of_the_values(backend):
     rng = np.random.default_rng(5)
-    q, k, v = rng.standard_normal((3, 4)) * 100, rng.standard_normal((6, 4)), rng.standard_normal((6, 2))
+    q = rng.standard_normal((3, 4)) * 100
+    k, v = rng.standard_normal((6, 4)), rng.standard_normal((6, 2))
     out = _np(backend, refattn.attention(*(backend.asarray(x) for x in (q, k, v)), scale=0.0))
     # Weights are exactly 1/6; the mean of 6 terms is off by at most 6 u max|V|.
     np.testing.assert_allclose(out, np.broadcast_to(v.mean(axis=0), (3, 2)), rtol=0,
@@ -258,7 +259,9 @@ def test_blhd_layout_swaps_heads_and_positions(backend):
     rng = np.random.default_rng(15)
     q, k, v = rng.standard_normal((2, 5, 4, 3)), rng.standard_normal((2, 6, 2, 3)), \
         rng.standard_normal((2, 6, 2, 7))
-    sw = (lambda x: np.swapaxes(x, -2, -3))
+    def sw(x):
+        return np.swapaxes(x, -2, -3)
+
     res = refattn.attention(*(backend.asarray(x) for x in (q, k, v)), layout="BLHD",
                             causal=True, return_lse=True)
     ref = refattn.attention(*(backend.asarray(sw(x).copy()) for x in (q, k, v)), causal=True,

@@ -21,7 +21,9 @@ def torch_math(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, dropout_
     The op itself adds its mask, so a boolean mask is first turned into 0 / -inf of the
     query's dtype, as ``F.scaled_dot_product_attention`` does before dispatching.
     """
-    t = (lambda x: None if x is None else torch.from_numpy(np.array(x)))
+    def t(x):
+        return None if x is None else torch.from_numpy(np.array(x))
+
     if attn_mask is not None and attn_mask.dtype == bool:
         attn_mask = np.where(attn_mask, 0.0, -np.inf).astype(q.dtype)
     out, _ = torch.ops.aten._scaled_dot_product_attention_math(

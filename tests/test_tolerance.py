@@ -19,7 +19,7 @@ def exact(q, k, v, scale):
         out = np.empty((q.shape[0], v.shape[1]))
         for i in range(q.shape[0]):
             logits = [mpmath.mpf(scale) * mpmath.fsum(mpmath.mpf(a) * mpmath.mpf(b)
-                                                      for a, b in zip(q[i], k[j]))
+                                                      for a, b in zip(q[i], k[j], strict=True))
                       for j in range(k.shape[0])]
             m = max(logits)
             w = [mpmath.exp(s - m) for s in logits]
