@@ -69,8 +69,8 @@ def cases(draw: st.DrawFn, *, min_len: int = 1, max_len: int = 6, gqa: bool = Tr
     seed = draw(st.integers(0, 2**32 - 1))
     magnitude = logit if logit is not None else draw(st.sampled_from([0.5, 1.0, 4.0]))
     rng = np.random.default_rng(seed)
-    # Entries of size sqrt(magnitude * sqrt(E)) give logits q.k / sqrt(E) of order magnitude.
-    amp = np.sqrt(magnitude) * E**0.25
+    # Entries of std a give logits q.k / sqrt(E) of std a**2.
+    amp = np.sqrt(magnitude)
     q = rng.standard_normal((*batch_shape, H, L, E)) * amp
     k = rng.standard_normal((*batch_shape, K, S, E)) * amp
     v = rng.standard_normal((*batch_shape, Kv, S, Ev))
