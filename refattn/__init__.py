@@ -5,14 +5,31 @@ against the Python array API, so the same code checks kernels on NumPy, torch, C
 and array-api-strict arrays.
 """
 
-from .attention import AttentionResult, attention
-from .compat.torch import scaled_dot_product_attention
+from .attention import AttentionGrads, AttentionResult, attention, attention_backward
+from ._threads import get_num_threads, set_num_threads
+from .classic import attention_pooling, attention_scores, bmm_attention
+from .compat.torch import (
+    MultiheadAttention,
+    multi_head_attention_forward,
+    scaled_dot_product_attention,
+    scaled_dot_product_attention_backward,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AttentionGrads",
     "AttentionResult",
+    "MultiheadAttention",
     "__version__",
     "attention",
+    "attention_backward",
+    "attention_pooling",
+    "attention_scores",
+    "bmm_attention",
+    "get_num_threads",
+    "multi_head_attention_forward",
     "scaled_dot_product_attention",
+    "scaled_dot_product_attention_backward",
+    "set_num_threads",
 ]

@@ -6,23 +6,34 @@ compute dtype to one implementation path. It holds no arithmetic of its own.
 
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from . import _validate
+from . import _threads, _validate
+from ._agnostic._accurate import compensated_attention, compensated_backward
+from ._agnostic._backward import direct_backward
+from ._agnostic._blocked import blocked_attention, blocked_attention_backward
 from ._agnostic._direct import direct_attention
 from ._agnostic._masks import causal_mask
 from ._agnostic._softmax import MASKED_ROW_POLICIES
 from ._namespace import infer_namespace
 
-__all__ = ["AttentionResult", "attention"]
+__all__ = ["AttentionGrads", "AttentionResult", "attention", "attention_backward"]
 
 LAYOUTS = ("BHLD", "BLHD")
-IMPLEMENTATIONS = (None, "direct")
-PRECISIONS = ("standard",)
+IMPLEMENTATIONS = (None, "direct", "blocked")
+# implementation=None materialises the scores (the direct path) up to this many score
+# elements (..., H, L, S), 2**20 = 8 MiB in float64 with about five such arrays alive
+# at once, and runs the blocked path above it: there the direct path's memory grows
+# with L x S while the blocked path's stays per block, and the blocked path's worker
+# threads and cache-sized blocks make it the faster one too; measured on 2 cores, the
+# two cross near 2**20 scores (docs/performance.rst).
+DIRECT_MAX_SCORES = 2**20
+PRECISIONS = ("standard", "compensated")
 
 _SHAPE_LEGEND = "(B batch, H query heads, L queries, S keys)"
 
@@ -61,7 +72,9 @@ class _Prepared:
     k: Any
     v: Any
     bias: Any
-    allowed: Any
+    mask: Any  # the user's mask only; the causal structure is kept apart (below)
+    causal: bool
+    alignment: str
     keep: Any
     keep_user: Any
     scale: float
@@ -70,6 +83,21 @@ class _Prepared:
     layout: str
     in_dtype: Any
     compute_dtype: Any
+
+    @property
+    def allowed(self) -> Any:
+        """The user's mask AND the causal mask, materialised at (L, S) when causal.
+
+        Built on demand: the blocked path takes ``mask`` and ``(causal, alignment)``
+        instead, so that it never holds an (L, S) array and can skip masked blocks.
+        """
+        if not self.causal:
+            return self.mask
+        tri = causal_mask(
+            self.shapes.L, self.shapes.S, alignment=self.alignment, xp=self.xp,
+            device=self.device,
+        )
+        return tri if self.mask is None else self.xp.logical_and(self.mask, tri)
 
 
 def _compute_dtype(compute_dtype: Any, xp: Any) -> Any:
@@ -171,17 +199,30 @@ def _prepare(
             )
         keep = keep_user
     cdtype = _compute_dtype(compute_dtype, xp)
-    qc, kc, vc = (_to_rank3(xp.astype(x, cdtype), xp) for x in (q, k, v))
-    bias_c = None if bias is None else xp.astype(bias, cdtype)
-    allowed = mask
-    if causal:
-        tri = causal_mask(shapes.L, shapes.S, alignment=alignment, xp=xp, device=device)
-        allowed = tri if allowed is None else xp.logical_and(allowed, tri)
+    direct = implementation in (None, "direct")
+    if precision == "compensated" and (cdtype != xp.float64 or not direct):
+        # Its error-free transformations are derived for float64 on the materialised path.
+        raise ValueError(
+            "precision='compensated' computes in float64 on the direct path; got "
+            f"compute_dtype={compute_dtype!r}, implementation={implementation!r} (use "
+            "compute_dtype=None and implementation=None or 'direct')"
+        )
+    # copy=False: no path writes into its inputs, and copying float64 inputs to float64
+    # cost the blocked path a fifth of its time at B=4, H=16, L=S=256 (fresh pages).
+    qc, kc, vc = (_to_rank3(xp.astype(x, cdtype, copy=False), xp) for x in (q, k, v))
+    bias_c = None if bias is None else xp.astype(bias, cdtype, copy=False)
     return _Prepared(
-        xp=xp, device=device, shapes=shapes, q=qc, k=kc, v=vc, bias=bias_c, allowed=allowed,
-        keep=keep, keep_user=keep_user, scale=scale_value, dropout_p=p,
-        masked_rows=masked_rows, layout=layout, in_dtype=q.dtype, compute_dtype=cdtype,
+        xp=xp, device=device, shapes=shapes, q=qc, k=kc, v=vc, bias=bias_c, mask=mask,
+        causal=causal, alignment=alignment, keep=keep, keep_user=keep_user, scale=scale_value,
+        dropout_p=p, masked_rows=masked_rows, layout=layout, in_dtype=q.dtype, compute_dtype=cdtype,
     )
+
+
+def _use_blocked(prep: _Prepared, implementation: str | None) -> bool:
+    # The explicit choice wins; None goes by the size of the score array.
+    if implementation is not None:
+        return implementation == "blocked"
+    return math.prod(prep.shapes.scores) > DIRECT_MAX_SCORES
 
 
 def _finish(x: Any, prep: _Prepared, *, swap: bool) -> Any:
@@ -191,7 +232,7 @@ def _finish(x: Any, prep: _Prepared, *, swap: bool) -> Any:
         x = x[0, ...]
     if swap and prep.layout == "BLHD":
         x = _swap_head_axis(x, xp)
-    return xp.astype(x, prep.in_dtype)
+    return xp.astype(x, prep.in_dtype, copy=False)
 
 
 def attention(
@@ -260,10 +301,20 @@ def attention(
         (flash-attn). Weights and LSE are always (..., H, L[, S]).
     compute_dtype : {None, "float64", "float32"}
         Dtype of the computation; None means float64 whatever the input dtype.
-    precision : {"standard"}
-        Arithmetic of the computation.
-    implementation : {None, "direct"}
-        Which path computes: "direct" materialises the scores; None chooses.
+    precision : {"standard", "compensated"}
+        Arithmetic of the computation: plain float64, or double-float logits, exp and
+        sums rounded once at the end (within about half an ulp of the exact result
+        whatever the logit size; several times slower; float64 direct path only; see
+        docs/accuracy.rst).
+    implementation : {None, "direct", "blocked"}
+        Which path computes: "direct" materialises the (..., H, L, S) scores;
+        "blocked" runs an online softmax over cache-sized blocks with extra memory
+        O(block) per worker thread, skips key blocks the causal mask hides, and computes
+        ``weights`` (when asked) block by block from each row's final max and sum. None
+        takes "direct" up to ``DIRECT_MAX_SCORES`` (2**20) score elements and
+        "blocked" above. Both give the same results up to rounding. The blocked path
+        runs ``refattn.get_num_threads()`` worker threads on NumPy-backed arrays (see
+        ``refattn.set_num_threads``).
     return_weights, return_lse, return_dropout_mask : bool
         Return an ``AttentionResult`` with these fields filled in.
     xp : namespace, optional
@@ -308,10 +359,25 @@ def attention(
         layout=layout, compute_dtype=compute_dtype, precision=precision,
         implementation=implementation, xp=xp,
     )
-    res = direct_attention(
-        prep.q, prep.k, prep.v, scale=prep.scale, bias=prep.bias, allowed=prep.allowed,
-        keep=prep.keep, dropout_p=prep.dropout_p, masked_rows=prep.masked_rows, xp=prep.xp,
-    )
+    if precision == "compensated":
+        res = compensated_attention(
+            prep.q, prep.k, prep.v, scale=prep.scale, bias=prep.bias, allowed=prep.allowed,
+            keep=prep.keep, dropout_p=prep.dropout_p, masked_rows=prep.masked_rows,
+            need_weights=return_weights, xp=prep.xp,
+        )
+    elif _use_blocked(prep, implementation):
+        with _threads.worker_threads(prep.xp) as num_threads:
+            res = blocked_attention(
+                prep.q, prep.k, prep.v, scale=prep.scale, bias=prep.bias, allowed=prep.mask,
+                keep=prep.keep, dropout_p=prep.dropout_p, masked_rows=prep.masked_rows,
+                causal=prep.causal, alignment=prep.alignment, return_weights=return_weights,
+                num_threads=num_threads, xp=prep.xp,
+            )
+    else:
+        res = direct_attention(
+            prep.q, prep.k, prep.v, scale=prep.scale, bias=prep.bias, allowed=prep.allowed,
+            keep=prep.keep, dropout_p=prep.dropout_p, masked_rows=prep.masked_rows, xp=prep.xp,
+        )
     out = _finish(res.out, prep, swap=True)
     if not (return_weights or return_lse or return_dropout_mask):
         return out
@@ -320,4 +386,239 @@ def attention(
         lse=_finish(res.lse, prep, swap=False) if return_lse else None,
         weights=_finish(res.weights, prep, swap=False) if return_weights else None,
         dropout_mask=prep.keep_user if return_dropout_mask else None,
+    )
+
+
+# --- backward -------------------------------------------------------------------------
+
+# The backward pass exists for the array-API paths and standard arithmetic only; other
+# paths may be accepted by the forward before they are accepted here.
+_BACKWARD_IMPLEMENTATIONS = (None, "direct", "blocked")
+_BACKWARD_PRECISIONS = ("standard", "compensated")
+
+
+class AttentionGrads(NamedTuple):
+    """What ``attention_backward`` returns: one gradient per differentiable input.
+
+    Attributes
+    ----------
+    dq, dk, dv : array
+        Gradients with the shapes, layout, dtype, namespace and device of q, k, v.
+    dbias : array or None
+        Gradient with the shape and dtype of ``bias`` (summed over the axes it was
+        broadcast along); None when there was no bias.
+    """
+
+    dq: Any
+    dk: Any
+    dv: Any
+    dbias: Any
+
+
+def _user_out_shape(prep: _Prepared) -> tuple[int, ...]:
+    # The output's shape as the user sees it: the layout swap applies to rank >= 3 only.
+    shape = prep.shapes.out
+    if prep.layout == "BLHD" and len(shape) >= 3:
+        shape = (*shape[:-3], shape[-2], shape[-3], shape[-1])
+    return shape
+
+
+def _check_saved_lse(lse: Any, expected: tuple[int, ...]) -> None:
+    # attention(return_lse=True) gives the LSE at the batch shape of the scores, which
+    # lacks batch dims that only v carries; so leading dims may be 1 or absent, while the
+    # trailing (H, L) must match exactly (a per-head LSE cannot broadcast over heads).
+    shape = tuple(lse.shape)
+    exact = min(2, len(expected))
+    ok = (
+        exact <= len(shape) <= len(expected)
+        and shape[len(shape) - exact:] == expected[len(expected) - exact:]
+        and all(s in (1, t) for s, t in zip(shape[::-1], expected[::-1], strict=False))
+    )
+    if not ok:
+        raise ValueError(
+            f"lse of shape {shape} does not match the attention problem: expected "
+            f"{expected} (..., H, L), leading dims may be 1 or left out"
+        )
+
+
+def _to_compute_layout(x: Any, prep: _Prepared) -> Any:
+    # A user-layout (..., H, L, D) array such as grad_out to the compute form of prep.q.
+    xp = prep.xp
+    if prep.layout == "BLHD":
+        x = _swap_head_axis(x, xp)
+    return _to_rank3(xp.astype(x, prep.compute_dtype), xp)
+
+
+def _finish_grad(g: Any, x_user: Any, prep: _Prepared) -> Any:
+    # A 2-D input got a head axis of size 1 in _prepare; _finish drops it only when every
+    # input was 2-D, so drop it here when this one alone was.
+    if x_user.ndim == 2 and prep.shapes.ndim > 2:
+        g = g[0, ...]
+    return _finish(g, prep, swap=True)
+
+
+def attention_backward(
+    grad_out: Any,
+    q: Any,
+    k: Any,
+    v: Any,
+    *,
+    mask: Any = None,
+    bias: Any = None,
+    causal: bool = False,
+    alignment: str = "top_left",
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    dropout_mask: Any = None,
+    rng: Any = None,
+    masked_rows: str = "zero",
+    layout: str = "BHLD",
+    compute_dtype: Any = None,
+    precision: str = "standard",
+    implementation: str | None = None,
+    output: Any = None,
+    lse: Any = None,
+    xp: Any = None,
+) -> AttentionGrads:
+    """Analytic gradients of ``attention`` with respect to q, k, v and bias.
+
+    Computes, in float64 by default and without autograd, with S the final scores,
+    P = softmax(S), P_drop the weights after dropout and O the output::
+
+        dV = P_drop^T dO          dP = (dO V^T) * keep / (1 - dropout_p)
+        dS = P * (dP - rowsum(dO * O))
+        dQ = scale dS K           dK = scale dS^T Q          d bias = dS
+
+    Grouped-query heads are summed back to their key/value head (key head k serves query
+    heads k*G .. k*G+G-1), and gradients of broadcast inputs (batch dims, a bias of
+    shape (L, S) or (H, 1, S), ...) are summed over the axes they were broadcast along.
+
+    Parameters
+    ----------
+    grad_out : array
+        Gradient of a loss with respect to the output: the output's shape (..., H, L, Ev)
+        in ``layout``, any real floating dtype, the namespace and device of q.
+    q, k, v : array
+        The forward inputs, exactly as given to ``attention``.
+    mask, bias, causal, alignment, scale, dropout_p, dropout_mask, rng : optional
+        Exactly as given to ``attention`` for the forward pass; ``rng`` redraws the
+        same keep-mask from the same seed.
+    masked_rows : {"zero", "nan", "uniform"}
+        The forward's policy for fully masked rows: "zero" gives them zero gradients,
+        "nan" propagates the plain softmax's NaN, "uniform" (weights 1/S, a constant)
+        gives dS = 0 but passes dO/S on to dV.
+    layout, compute_dtype, precision : optional
+        As for ``attention``. precision="compensated" recomputes the forward and every
+        product of the backward in double-float and rounds each gradient once; it takes
+        no ``output`` or ``lse`` (their rounding is what it avoids).
+    implementation : {None, "direct", "blocked"}
+        As for ``attention``: "direct" materialises the scores; "blocked" recomputes
+        the weights block by block from the LSE (FlashAttention-2's backward) with
+        O(block) extra memory per worker thread; None chooses by the size of the score
+        array, as the forward does.
+    output : array, optional
+        The forward output to use in rowsum(dO * O) instead of recomputing it, as a
+        fused backward kernel uses its saved output. Shape of ``grad_out``.
+    lse : array, optional
+        The forward log-sum-exp (..., H, L) to rebuild P = exp(S - lse) from instead of
+        recomputing the softmax, as fused kernels do; -inf marks a fully masked row.
+        Leading (batch) dims may be 1 or left out, as ``attention(return_lse=True)``
+        returns them.
+    xp : namespace, optional
+        The array namespace of the inputs; inferred when None.
+
+    Returns
+    -------
+    AttentionGrads
+        ``(dq, dk, dv, dbias)``: dq, dk, dv in the shape, layout, dtype, namespace and
+        device of q, k, v; dbias in the shape and dtype of ``bias``, or None.
+
+    Raises
+    ------
+    TypeError
+        As ``attention``; also a ``grad_out``, ``output`` or ``lse`` from another library
+        or device, or not of a real floating dtype.
+    ValueError
+        As ``attention``; also ``grad_out``, ``output`` or ``lse`` of the wrong shape, or an
+        implementation or precision the backward does not have.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import refattn
+    >>> rng = np.random.default_rng(0)
+    >>> q = rng.standard_normal((2, 4, 5, 8))   # B=2, H=4, L=5, E=8
+    >>> k = rng.standard_normal((2, 2, 7, 8))   # K=2 key heads (grouped-query)
+    >>> v = rng.standard_normal((2, 2, 7, 3))   # S=7, Ev=3
+    >>> bias = rng.standard_normal((4, 1, 7))   # broadcast over batch and queries
+    >>> dout = rng.standard_normal((2, 4, 5, 3))
+    >>> g = refattn.attention_backward(dout, q, k, v, bias=bias, causal=True)
+    >>> g.dq.shape, g.dk.shape, g.dv.shape, g.dbias.shape
+    ((2, 4, 5, 8), (2, 2, 7, 8), (2, 2, 7, 3), (4, 1, 7))
+
+    A central difference of the forward along a random direction agrees:
+
+    >>> def loss(kk):
+    ...     return np.sum(dout * refattn.attention(q, kk, v, bias=bias, causal=True))
+    >>> u, h = rng.standard_normal(k.shape), 1e-5
+    >>> fd = (loss(k + h * u) - loss(k - h * u)) / (2 * h)
+    >>> bool(abs(fd - np.sum(g.dk * u)) < 1e-6)
+    True
+    """
+    _validate.check_choice("implementation", implementation, _BACKWARD_IMPLEMENTATIONS)
+    _validate.check_choice("precision", precision, _BACKWARD_PRECISIONS)
+    prep = _prepare(
+        q, k, v, mask=mask, bias=bias, causal=causal, alignment=alignment, scale=scale,
+        dropout_p=dropout_p, dropout_mask=dropout_mask, rng=rng, masked_rows=masked_rows,
+        layout=layout, compute_dtype=compute_dtype, precision=precision,
+        implementation=implementation, xp=xp,
+    )
+    # q first, so that a mismatch is reported as "q is a ... array but grad_out is ...".
+    infer_namespace({"q": q, "grad_out": grad_out, "output": output, "lse": lse}, xp=xp)
+    out_shape = _user_out_shape(prep)
+    for name, x in (("grad_out", grad_out), ("output", output)):
+        if x is not None and tuple(x.shape) != out_shape:
+            raise ValueError(
+                f"{name} must have the output's shape {out_shape} (..., H, L, Ev in layout "
+                f"{prep.layout!r}); got {tuple(x.shape)}"
+            )
+    xp = prep.xp
+    lse_c = None
+    if lse is not None:
+        _check_saved_lse(lse, prep.shapes.user_scores[:-1])
+        lse_c = xp.astype(lse, prep.compute_dtype)
+        if prep.shapes.ndim == 2:
+            lse_c = xp.reshape(lse_c, (1, *lse_c.shape))
+    if precision == "compensated":
+        if output is not None or lse is not None:
+            raise ValueError(
+                "precision='compensated' recomputes the forward in double-float; do not "
+                "pass output= or lse= (their float64 rounding is what it avoids)"
+            )
+        grads = compensated_backward(
+            _to_compute_layout(grad_out, prep), prep.q, prep.k, prep.v, scale=prep.scale,
+            bias=prep.bias, allowed=prep.allowed, keep=prep.keep, dropout_p=prep.dropout_p,
+            masked_rows=prep.masked_rows, xp=xp,
+        )
+    elif _use_blocked(prep, implementation):
+        with _threads.worker_threads(xp) as num_threads:
+            grads = blocked_attention_backward(
+                _to_compute_layout(grad_out, prep), prep.q, prep.k, prep.v, scale=prep.scale,
+                bias=prep.bias, allowed=prep.mask, keep=prep.keep, dropout_p=prep.dropout_p,
+                masked_rows=prep.masked_rows,
+                out=None if output is None else _to_compute_layout(output, prep), lse=lse_c,
+                causal=prep.causal, alignment=prep.alignment, num_threads=num_threads, xp=xp,
+            )
+    else:
+        grads = direct_backward(
+            _to_compute_layout(grad_out, prep), prep.q, prep.k, prep.v, scale=prep.scale,
+            bias=prep.bias, allowed=prep.allowed, keep=prep.keep, dropout_p=prep.dropout_p,
+            masked_rows=prep.masked_rows,
+            out=None if output is None else _to_compute_layout(output, prep), lse=lse_c, xp=xp,
+        )
+    return AttentionGrads(
+        dq=_finish_grad(grads.dq, q, prep),
+        dk=_finish_grad(grads.dk, k, prep),
+        dv=_finish_grad(grads.dv, v, prep),
+        dbias=None if bias is None else xp.astype(grads.dbias, bias.dtype),
     )

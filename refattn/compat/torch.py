@@ -9,11 +9,18 @@ from __future__ import annotations
 
 from typing import Any
 
+from .._agnostic._backward import sum_to_shape
 from .._namespace import infer_namespace
 from .._validate import broadcast_shapes
-from ..attention import attention
+from ..attention import AttentionGrads, attention, attention_backward
+from ._torch_mha import MultiheadAttention, multi_head_attention_forward
 
-__all__ = ["scaled_dot_product_attention"]
+__all__ = [
+    "MultiheadAttention",
+    "multi_head_attention_forward",
+    "scaled_dot_product_attention",
+    "scaled_dot_product_attention_backward",
+]
 
 
 def _broadcast_heads(query: Any, key: Any, value: Any, xp: Any) -> Any:
@@ -97,6 +104,24 @@ def scaled_dot_product_attention(
     >>> bool(np.allclose(out, refattn.scaled_dot_product_attention(q, k, v, is_causal=True)))
     True
     """
+    xp, query, mask, bias = _sdpa_translate(
+        query, key, value, attn_mask, is_causal, enable_gqa, xp
+    )
+    return attention(
+        query, key, value, mask=mask, bias=bias, causal=is_causal, alignment="top_left",
+        scale=scale, dropout_p=dropout_p, dropout_mask=dropout_mask, rng=rng,
+        masked_rows="zero", xp=xp,
+    )
+
+
+# --- backward -------------------------------------------------------------------------
+
+
+def _sdpa_translate(
+    query: Any, key: Any, value: Any, attn_mask: Any, is_causal: Any, enable_gqa: Any, xp: Any
+) -> tuple[Any, Any, Any, Any]:
+    # torch's arguments -> (xp, query with broadcast heads, mask, bias): the one place
+    # where torch's SDPA conventions become refattn's, for the forward and the backward.
     xp, _ = infer_namespace(
         {"query": query, "key": key, "value": value}, {"attn_mask": attn_mask}, xp=xp
     )
@@ -129,8 +154,92 @@ def scaled_dot_product_attention(
             )
     if not enable_gqa:
         query = _broadcast_heads(query, key, value, xp)
-    return attention(
-        query, key, value, mask=mask, bias=bias, causal=is_causal, alignment="top_left",
-        scale=scale, dropout_p=dropout_p, dropout_mask=dropout_mask, rng=rng,
+    return xp, query, mask, bias
+
+
+def scaled_dot_product_attention_backward(
+    grad_out: Any,
+    query: Any,
+    key: Any,
+    value: Any,
+    attn_mask: Any = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    *,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    dropout_mask: Any = None,
+    xp: Any = None,
+) -> AttentionGrads:
+    """Gradients of ``scaled_dot_product_attention`` (torch's conventions), in float64.
+
+    What ``torch.autograd`` gives for torch 2.13's math backend, computed analytically by
+    :func:`refattn.attention_backward`: the arguments are translated exactly as
+    :func:`refattn.scaled_dot_product_attention` translates them, and the gradient of a
+    float ``attn_mask`` is returned as ``dbias``.
+
+    Parameters
+    ----------
+    grad_out : array
+        Gradient of the loss with respect to the output, shape (..., H, L, Ev).
+    query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa : optional
+        As for ``scaled_dot_product_attention``. A dropout needs ``dropout_mask``.
+    dropout_mask : bool array, optional
+        The keep-mask (True = keep) the forward pass used, broadcastable to
+        (..., H, L, S).
+    xp : namespace, optional
+        Array namespace of the inputs; inferred when None.
+
+    Returns
+    -------
+    AttentionGrads
+        ``(dq, dk, dv, dbias)`` in the shapes and dtypes of query, key, value and of a
+        float ``attn_mask``; ``dbias`` is None for a boolean or absent ``attn_mask``. A
+        query whose single head was broadcast over the key heads gets its gradient
+        summed over them.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import refattn
+    >>> rng = np.random.default_rng(2)
+    >>> q = rng.standard_normal((1, 4, 3, 8))
+    >>> k, v = (rng.standard_normal((1, 2, 6, 8)) for _ in range(2))
+    >>> additive = rng.standard_normal((3, 6))          # float attn_mask, shape (L, S)
+    >>> dout = rng.standard_normal((1, 4, 3, 8))
+    >>> g = refattn.scaled_dot_product_attention_backward(
+    ...     dout, q, k, v, attn_mask=additive, enable_gqa=True)
+    >>> g.dq.shape, g.dk.shape, g.dbias.shape
+    ((1, 4, 3, 8), (1, 2, 6, 8), (3, 6))
+
+    Softmax ignores a constant added to a row, so each row of the mask's gradient sums
+    to zero:
+
+    >>> bool(np.allclose(g.dbias.sum(axis=-1), 0.0))
+    True
+    """
+    query_in = query
+    xp, query, mask, bias = _sdpa_translate(
+        query, key, value, attn_mask, is_causal, enable_gqa, xp
+    )
+    broadcast_query = tuple(query.shape) != tuple(query_in.shape)
+    if broadcast_query:
+        # The broadcast query's head gradients are summed back to one head; do the sum in
+        # float64, before the single rounding to the input dtype (a cast up is exact).
+        query, key, value, grad_out = (
+            xp.astype(x, xp.float64) for x in (query, key, value, grad_out)
+        )
+    grads = attention_backward(
+        grad_out, query, key, value, mask=mask, bias=bias, causal=is_causal,
+        alignment="top_left", scale=scale, dropout_p=dropout_p, dropout_mask=dropout_mask,
         masked_rows="zero", xp=xp,
+    )
+    if not broadcast_query:
+        return grads
+    dtype = query_in.dtype
+    return AttentionGrads(
+        dq=xp.astype(sum_to_shape(grads.dq, query_in.shape, xp=xp), dtype),
+        dk=xp.astype(grads.dk, dtype),
+        dv=xp.astype(grads.dv, dtype),
+        dbias=grads.dbias,
     )

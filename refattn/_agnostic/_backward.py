@@ -1,0 +1,192 @@
+"""The analytic backward pass: dQ, dK, dV and d bias, with no autograd.
+
+With S the final scores (scaled, biased, masked), P = softmax(S) per row, P_drop the
+weights after dropout (kept entries scaled by 1/(1-p)) and O = P_drop V:
+
+    dV = P_drop^T dO
+    dP = (dO V^T) * keep / (1-p)            gradient with respect to P (before dropout)
+    D  = rowsum(dO * O)                     = rowsum(P * dP), since O = P_drop V
+    dS = P * (dP - D)                       softmax backward
+    dQ = scale dS K,  dK = scale dS^T Q,  d bias = dS
+
+Grouped-query heads and broadcast leading dims are summed back to each input's own shape,
+which is what the chain rule gives for a repeated or broadcast input. P is recomputed from
+the LSE when one is given, ``P = exp(S - lse)``, as fused backward kernels do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ._direct import repeat_heads
+from ._softmax import masked_softmax
+
+__all__ = ["BackwardResult", "direct_backward", "sum_groups", "sum_to_shape", "weights_from_lse"]
+
+
+@dataclass
+class BackwardResult:
+    dq: Any
+    dk: Any
+    dv: Any
+    dbias: Any
+
+
+def sum_to_shape(x: Any, shape: tuple[int, ...], *, xp: Any) -> Any:
+    """Sum ``x`` over the axes along which an array of ``shape`` was broadcast to it.
+
+    ``shape`` must broadcast to ``x.shape`` (the adjoint of broadcasting is summation).
+    """
+    shape = tuple(shape)
+    lead = x.ndim - len(shape)
+    if lead > 0:
+        x = xp.sum(x, axis=tuple(range(lead)))
+    axes = tuple(i for i, n in enumerate(shape) if n == 1 and x.shape[i] != 1)
+    if axes:
+        x = xp.sum(x, axis=axes, keepdims=True)
+    return x
+
+
+def sum_groups(x: Any, heads: int, *, xp: Any) -> Any:
+    """(..., H, S, D) -> (..., heads, S, D), summing each group of H // heads heads.
+
+    The adjoint of ``repeat_heads``: key head k served query heads k*G .. k*G+G-1.
+    """
+    groups = x.shape[-3] // heads
+    if groups == 1:
+        return x
+    *lead, _, s, d = x.shape
+    return xp.sum(xp.reshape(x, (*lead, heads, groups, s, d)), axis=-3)
+
+
+def _apply_row_policy(weights: Any, row_masked: Any, masked_rows: str, *, xp: Any) -> Any:
+    # The same conventions as masked_softmax, for weights rebuilt from a given LSE.
+    dtype, device = weights.dtype, weights.device
+    if masked_rows == "nan":
+        return xp.where(row_masked, xp.asarray(xp.nan, dtype=dtype, device=device), weights)
+    if masked_rows == "uniform":
+        uniform = xp.asarray(1.0 / weights.shape[-1], dtype=dtype, device=device)
+        return xp.where(row_masked, uniform, weights)
+    return weights
+
+
+def weights_from_lse(scores: Any, lse: Any, *, masked_rows: str, xp: Any) -> Any:
+    """Softmax weights ``exp(scores - lse)``; fully masked rows (lse = -inf) by policy.
+
+    Parameters
+    ----------
+    scores
+        (..., L, S) final scores; -inf marks a masked score.
+    lse
+        (..., L) log-sum-exp per row, broadcastable against ``scores[..., 0]``.
+    masked_rows
+        "zero", "nan" or "uniform" (see ``masked_softmax``).
+    """
+    if scores.shape[-1] == 0:
+        return scores
+    zero = xp.asarray(0.0, dtype=scores.dtype, device=scores.device)
+    row_masked = (lse == -xp.inf)[..., None]
+    # exp(-inf - -inf) would be NaN; shifting masked rows by 0 gives exp(-inf) = 0 instead.
+    weights = xp.exp(scores - xp.where(row_masked, zero, lse[..., None]))
+    return _apply_row_policy(weights, row_masked, masked_rows, xp=xp)
+
+
+def _scores(q: Any, k: Any, *, scale: float, bias: Any, allowed: Any, xp: Any) -> Any:
+    # Built exactly as the forward pass builds them (the mask added as 0 / -inf), so the
+    # weights recomputed here are the forward's weights, NaN propagation included.
+    scores = (q @ xp.matrix_transpose(k)) * scale
+    if bias is not None:
+        scores = scores + bias
+    if allowed is not None:
+        zero = xp.asarray(0.0, dtype=scores.dtype, device=scores.device)
+        neg_inf = xp.asarray(-xp.inf, dtype=scores.dtype, device=scores.device)
+        scores = scores + xp.where(allowed, zero, neg_inf)
+    return scores
+
+
+def direct_backward(
+    grad_out: Any,
+    q: Any,
+    k: Any,
+    v: Any,
+    *,
+    scale: float,
+    bias: Any,
+    allowed: Any,
+    keep: Any,
+    dropout_p: float,
+    masked_rows: str,
+    out: Any,
+    lse: Any,
+    xp: Any,
+) -> BackwardResult:
+    """Gradients of ``direct_attention`` with respect to q, k, v and bias.
+
+    Parameters
+    ----------
+    grad_out
+        (..., H, L, Ev) gradient of the output, in the compute dtype.
+    q, k, v, scale, bias, allowed, keep, dropout_p, masked_rows
+        As for ``direct_attention``.
+    out
+        None, or the forward output (..., H, L, Ev) to use in D = rowsum(dO * O)
+        instead of recomputing it.
+    lse
+        None, or the forward LSE (..., H, L) to rebuild the weights from instead of
+        recomputing the softmax.
+
+    Returns
+    -------
+    BackwardResult
+        dq, dk, dv with the shapes of q, k, v; dbias with the shape of bias (None when
+        bias is None).
+    """
+    dtype, device = q.dtype, q.device
+    zero = xp.asarray(0.0, dtype=dtype, device=device)
+    H = q.shape[-3]
+    kr = repeat_heads(k, H // k.shape[-3], xp=xp)
+    vr = repeat_heads(v, H // v.shape[-3], xp=xp)
+    scores = _scores(q, kr, scale=scale, bias=bias, allowed=allowed, xp=xp)
+    if lse is None:
+        weights, lse = masked_softmax(scores, masked_rows=masked_rows, xp=xp)
+    else:
+        weights = weights_from_lse(scores, lse, masked_rows=masked_rows, xp=xp)
+    row_masked = (lse == -xp.inf)[..., None]
+
+    all_dropped = keep is not None and dropout_p >= 1.0
+    dropped = weights
+    if keep is not None:
+        if all_dropped:
+            dropped = xp.zeros_like(weights)
+        else:
+            dropped = xp.where(keep, weights, zero) * (1.0 / (1.0 - dropout_p))
+    if out is None:
+        out = dropped @ vr
+
+    dv = xp.matrix_transpose(dropped) @ grad_out
+    d_weights = grad_out @ xp.matrix_transpose(vr)
+    if keep is not None and not all_dropped:
+        d_weights = xp.where(keep, d_weights, zero) * (1.0 / (1.0 - dropout_p))
+    # rowsum(P * dP) = sum_j P_j keep_j/(1-p) (dO . v_j) = dO . O: dropout needs no
+    # separate term, and a fused kernel needs only its saved output.
+    D = xp.sum(grad_out * out, axis=-1, keepdims=True)
+    d_scores = weights * (d_weights - D)
+    if all_dropped:
+        # dropout_p = 1 makes the output identically zero, whatever the inputs (even
+        # NaN rows under the "nan" policy), so nothing flows back.
+        d_scores = xp.zeros_like(d_scores)
+    elif masked_rows != "nan":
+        # "zero" and "uniform" rows are constants of q, k and bias; "nan" rows keep the
+        # plain softmax's NaN gradient.
+        d_scores = xp.where(row_masked, zero, d_scores)
+
+    dq = (d_scores @ kr) * scale
+    dk = sum_groups((xp.matrix_transpose(d_scores) @ q) * scale, k.shape[-3], xp=xp)
+    dv = sum_groups(dv, v.shape[-3], xp=xp)
+    return BackwardResult(
+        dq=sum_to_shape(dq, q.shape, xp=xp),
+        dk=sum_to_shape(dk, k.shape, xp=xp),
+        dv=sum_to_shape(dv, v.shape, xp=xp),
+        dbias=None if bias is None else sum_to_shape(d_scores, bias.shape, xp=xp),
+    )

@@ -1,0 +1,1127 @@
+"""The blocked path: online softmax over key blocks, bounded memory, forward and backward.
+
+Forward. For one block of query rows the keys are visited block by block while two
+running sums are kept per row, relative to a per-row shift c (the online softmax of
+Milakov & Gimelshein, as in FlashAttention):
+
+* ``l``, the sum of ``exp(score - c)`` so far;
+* ``acc``, the sum of ``exp(score - c) * v`` so far (dropout applied to the terms).
+
+At the end ``out = acc / l`` and ``lse = c + log(l)``. The textbook algorithm takes c =
+the running maximum and rescales both sums by ``exp(c - c')`` whenever a block raises it
+to c'. Here c starts at each row's largest score among a few keys and is raised only
+when a block holds a score more than ``RESCALE_THRESHOLD`` above it; when the
+Cauchy-Schwarz bound |s_ij| <= |scale| ||q_i|| max_j ||k_j|| (+ max bias) shows that no
+score can do that, the blocks need neither a max pass nor a rescaling. The shift and the
+row sums come out of the matrix products themselves: [q, -c] [K, 1]^T = S - c and
+P [V, 1] = [P V, rowsum(P)].
+
+Backward (FlashAttention-2's recomputation). The weights are rebuilt per block from the
+saved LSE, ``P = exp(S - lse)``, and ``D = rowsum(dO * O)`` replaces the softmax's row
+sums. Each work item takes one run of heads and one chunk of keys and visits every
+(query block, key block) pair of it once: dK and dV of its keys are complete at the end,
+its dQ (and d bias where the bias is shared along keys) is one part of a sum over chunks,
+added in chunk order.
+
+Only (rows x keys) blocks of scores exist at any time, so the extra memory is
+O(block_L x block_S) per worker instead of O(L x S); this is also the algorithm the CUDA
+kernel runs, so it is tested here on the CPU.
+
+The causal structure arrives as ``(causal, alignment)``, not as an (L, S) mask, so that
+blocks no query of a block may attend are never computed, and blocks entirely on the
+visible side of the diagonal need no mask. The user's mask, bias and dropout keep-mask
+arrive broadcastable to (..., H, L, S) and are sliced per block without materialising the
+broadcast. Grouped-query heads are not repeated: the query heads that share one key head
+and one value head are stacked into one block of rows.
+
+Work items and the order of every sum depend on the shapes only, and each item is
+computed by one thread start to end, so the results are the same bits whatever the
+thread count. Everything here is array-API code; what is library-specific about CPU
+speed (the worker count, the one-thread BLAS) is decided by the caller, which passes
+``num_threads``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from typing import Any
+
+from .._validate import broadcast_shapes
+from ._backward import BackwardResult
+from ._direct import DirectResult
+from ._masks import alignment_shift
+
+__all__ = [
+    "RESCALE_THRESHOLD",
+    "SCORE_BLOCK_ELEMENTS",
+    "KeySpan",
+    "blocked_attention",
+    "blocked_attention_backward",
+    "choose_blocks",
+    "key_spans",
+    "query_blocks",
+]
+
+# Block sizes. A block of 128 Ki scores is 1 MiB in float64; the product that makes it
+# reads a key block of at most 512 rows (512 x 65 x 8 B = 260 KiB for E = 64) and the
+# query rows (256 x 65 x 8 B), and exp() writes a second 1 MiB block that the next
+# product reads: about 2.5 MiB per worker, in a 2 MiB L2 for the most part and in L3 for
+# the rest. Each block is large enough that the dozen array calls of Python around it
+# cost a few percent; blocks of 64 Ki or 256 Ki scores measured -5% to +20% slower on
+# the benchmark shapes (docs/performance.rst). The sizes depend on the shapes only,
+# never on the machine or the thread count, so results are reproducible everywhere.
+SCORE_BLOCK_ELEMENTS = 128 * 1024
+_MAX_BLOCK_S = 512
+
+# The forward raises a row's shift only when a block holds a score more than this above
+# it. Exponents up to 16 (e^16 = 8.9e6) cannot overflow a sum of S terms in float32 or
+# float64, and a shift that is not the exact maximum changes no rounding error bound
+# (the exponent s - c is one rounding of a value of size |s| + |c|, as before); in
+# exchange most blocks need neither a max nor a rescaling pass.
+RESCALE_THRESHOLD = 16.0
+# Each row's first shift is its largest score among this many keys: enough that the
+# Cauchy-Schwarz bound usually proves every later score within RESCALE_THRESHOLD of it,
+# few enough to cost a small fraction of one key block.
+_SHIFT_SAMPLE = 32
+# The backward splits the keys into chunks only when there are fewer (batch, head unit)
+# pairs than this: enough work items to keep a few threads busy. A constant, so that
+# the split, and with it every bit of the result, does not depend on the thread count.
+_MIN_ITEMS = 8
+
+
+# --- the block plan ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KeySpan:
+    """A range of keys (or, for ``query_blocks``, of query rows) [start, stop).
+
+    ``masked`` is True when the causal diagonal crosses the block, so some query of it
+    may not attend some key of it and the positional mask must be applied.
+    """
+
+    start: int
+    stop: int
+    masked: bool
+
+
+def choose_blocks(
+    L: int, S: int, rows_per_query: int, *, backward: bool = False
+) -> tuple[int, int]:
+    """Block sizes ``(block_l, block_s)`` for an (L, S) problem.
+
+    ``rows_per_query`` is the number of query heads stacked into one block (the
+    grouped-query group), so a block holds ``rows_per_query * block_l`` rows of scores.
+    The key block is at most ``_MAX_BLOCK_S`` keys; the query block then fills
+    ``SCORE_BLOCK_ELEMENTS`` scores. The backward keeps three blocks of that size alive
+    at once (P, dP - D and dS) and the product results next to them, so its blocks are
+    half as large, with at most half as many keys (measured 5-12% faster than the
+    forward's on the benchmark shapes).
+    """
+    max_s, elements = _MAX_BLOCK_S, SCORE_BLOCK_ELEMENTS
+    if backward:
+        max_s, elements = _MAX_BLOCK_S // 2, SCORE_BLOCK_ELEMENTS // 2
+    block_s = max(1, min(S, max_s))
+    rows = max(1, elements // block_s)
+    block_l = max(1, min(L, -(-rows // max(1, rows_per_query))))
+    return block_l, block_s
+
+
+def key_spans(
+    start: int, stop: int, S: int, block_s: int, *, causal: bool, shift: int, skip: bool = True
+) -> list[KeySpan]:
+    """Key spans visited by query rows [start, stop), in order.
+
+    Keys are cut at multiples of ``block_s``. With ``causal``, row i may attend keys
+    j <= i + shift: unless ``skip`` is False, keys past the last row's diagonal are not
+    visited, and the keys every row sees (up to the first row's diagonal) are cut apart
+    from the rest, so that only the triangle under the diagonal is ``masked`` (needs the
+    positional mask).
+    """
+    if not causal:
+        return [KeySpan(s0, min(s0 + block_s, S), False) for s0 in range(0, S, block_s)]
+    end = max(0, min(S, stop + shift)) if skip else S
+    seen_by_all = max(0, min(end, start + shift + 1))
+    # A sliver of fully visible keys before the triangle costs more as its own product
+    # than as masked columns of the triangle's.
+    cut = seen_by_all - seen_by_all % block_s
+    if end > seen_by_all and seen_by_all - cut < block_s // 4:
+        seen_by_all = cut
+    spans = [KeySpan(s0, min(s0 + block_s, seen_by_all), False)
+             for s0 in range(0, seen_by_all, block_s)]
+    spans += [KeySpan(s0, min(s0 + block_s, end), True)
+              for s0 in range(seen_by_all, end, block_s)]
+    return spans
+
+
+def query_blocks(
+    start: int, stop: int, L: int, block_l: int, *, causal: bool, shift: int, skip: bool = True
+) -> list[KeySpan]:
+    """Query blocks (on the grid of ``block_l``) that see keys [start, stop), in order.
+
+    The transpose of ``key_spans``: with ``causal`` (and ``skip``), blocks whose last row
+    sees no key of the span are not visited.
+    """
+    first = 0
+    if causal and skip:
+        # The first row that sees key ``start``, rounded down to the grid.
+        first = max(0, start - shift)
+        first = L if first >= L else first // block_l * block_l
+    return [
+        KeySpan(l0, min(l0 + block_l, L), causal and stop - 1 > l0 + shift)
+        for l0 in range(first, L, block_l)
+    ]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Shapes, block sizes and causal structure of one problem (the shape legend)."""
+
+    batch: tuple[int, ...]
+    H: int
+    L: int
+    S: int
+    E: int
+    Ev: int
+    group: int  # query heads per work item: those sharing one key head and one value head
+    heads_per_k: int
+    heads_per_v: int
+    block_l: int
+    block_s: int
+    causal: bool
+    shift: int
+    skip: bool  # skip the blocks the causal mask hides entirely
+
+    @property
+    def ndim(self) -> int:
+        return len(self.batch) + 3
+
+
+def _make_plan(
+    q: Any, k: Any, v: Any, *, causal: bool, alignment: str, block_l: int | None,
+    block_s: int | None, backward: bool = False,
+) -> _Plan:
+    H, L, E = q.shape[-3:]
+    S, Ev = k.shape[-2], v.shape[-1]
+    heads_per_k, heads_per_v = H // k.shape[-3], H // v.shape[-3]
+    group = math.gcd(heads_per_k, heads_per_v)
+    auto_l, auto_s = choose_blocks(L, S, group, backward=backward)
+    return _Plan(
+        batch=broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3]), H=H, L=L, S=S,
+        E=E, Ev=Ev, group=group, heads_per_k=heads_per_k, heads_per_v=heads_per_v,
+        block_l=auto_l if block_l is None else block_l,
+        block_s=auto_s if block_s is None else block_s, causal=causal,
+        shift=alignment_shift(L, S, alignment) if causal else 0, skip=True,
+    )
+
+
+def _batch_indices(plan: _Plan) -> list[tuple[int, ...]]:
+    return list(itertools.product(*map(range, plan.batch)))
+
+
+def _query_starts(plan: _Plan) -> list[int]:
+    starts = list(range(0, plan.L, plan.block_l))
+    # With a causal mask later query blocks see more keys; running them first evens out
+    # the threads' loads at the end.
+    return starts[::-1] if plan.causal else starts
+
+
+# --- slicing without broadcasting -------------------------------------------------------
+
+
+def _pad_rank(x: Any, ndim: int, xp: Any) -> Any:
+    # Leading axes of size 1 (a view) so that every array indexes with the same tuple.
+    if x is None or x.ndim == ndim:
+        return x
+    return xp.reshape(x, (1,) * (ndim - x.ndim) + tuple(x.shape))
+
+
+def _batch_index(x: Any, b: tuple[int, ...]) -> tuple[int, ...]:
+    # Broadcasting by indexing: an axis of size 1 is read at 0 for every batch index.
+    return tuple(0 if x.shape[d] == 1 else i for d, i in enumerate(b))
+
+
+def _axis_slice(size: int, full: int, start: int, stop: int) -> slice:
+    # A broadcast (size 1) axis stays size 1: the block then broadcasts against it.
+    return slice(start, stop) if size == full and full != 1 else slice(0, size)
+
+
+def _region(x: Any, b: tuple[int, ...], plan: _Plan, h0: int, l0: int, l1: int) -> tuple:
+    """Index of the (heads, rows, ...) part of a (..., H, L, ...) array for one item."""
+    idx = _batch_index(x, b)
+    return (
+        *idx,
+        _axis_slice(x.shape[len(b)], plan.H, h0, h0 + plan.group),
+        _axis_slice(x.shape[len(b) + 1], plan.L, l0, l1),
+    )
+
+
+def _rows_of(x: Any, b: tuple[int, ...], plan: _Plan, h0: int, l0: int, l1: int) -> Any:
+    """The (heads, rows, S) part of a broadcastable (..., H, L, S) array for one item."""
+    return None if x is None else x[(*_region(x, b, plan, h0, l0, l1), slice(None))]
+
+
+def _hashable(index: tuple) -> tuple:
+    # slice objects are not hashable before Python 3.12.
+    return tuple((s.start, s.stop) if isinstance(s, slice) else s for s in index)
+
+
+def _keys_of(x: Any, s0: int, s1: int, S: int) -> Any:
+    return None if x is None else x[..., _axis_slice(x.shape[-1], S, s0, s1)]
+
+
+# --- running work items -----------------------------------------------------------------
+
+
+class _OrderedSum:
+    """Adds work items' contributions into regions of ``target`` in item order.
+
+    Items whose region no other item shares just write it. Where several items share a
+    region (an input broadcast over batch dims, a bias broadcast over heads or rows),
+    each waits until the item before it in the list has added its part, so the sum's
+    order is the list's whatever the thread count. No deadlock: the pool starts items in
+    list order, so the item waited for has always started.
+    """
+
+    def __init__(self, target: Any, keys: Sequence[Any]) -> None:
+        self.target = target
+        last: dict[Any, int] = {}
+        self.previous: list[int | None] = []
+        for i, key in enumerate(keys):
+            self.previous.append(last.get(key))
+            last[key] = i
+        self.done = [threading.Event() for _ in keys]
+
+    def add(self, i: int, index: tuple, value: Any) -> None:
+        before = self.previous[i]
+        if before is None:
+            self.target[index] = value
+        else:
+            self.done[before].wait()
+            self.target[index] = self.target[index] + value
+        self.done[i].set()
+
+    def release(self, i: int) -> None:
+        # Also on failure, so that no later item waits forever (the error is re-raised).
+        self.done[i].set()
+
+
+def _run_items(
+    items: Sequence[Any], work: Callable[[int, Any], None], num_threads: int,
+    sums: Sequence[_OrderedSum] = (),
+) -> None:
+    def run(i: int) -> None:
+        try:
+            work(i, items[i])
+        finally:
+            for s in sums:
+                s.release(i)
+
+    if num_threads <= 1 or len(items) <= 1:
+        for i in range(len(items)):
+            run(i)
+        return
+    with ThreadPoolExecutor(max_workers=min(num_threads, len(items))) as pool:
+        for _ in pool.map(run, range(len(items))):
+            pass
+
+
+# --- shared block arithmetic ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    """Rank-padded arrays read by the workers.
+
+    ``k`` (unless every query block sees a single key span) and ``v`` have a column of
+    ones appended (see ``_prepare_inputs``); ``k_norm`` and ``bias_max`` bound the
+    scores.
+    """
+
+    q: Any
+    scale: float
+    k: Any  # (..., K, S, E + 1), or (..., K, S, E) without the column of ones
+    v: Any  # (..., Kv, S, Ev + 1)
+    bias: Any
+    allowed: Any
+    keep: Any
+    k_norm: Any  # (..., K): max_j ||k_j||
+    bias_max: float | None  # the largest bias entry; None when it is NaN or +inf
+    dropout_p: float
+    masked_rows: str
+    Ev: int
+    xp: Any
+
+
+def _ones_appended(x: Any, xp: Any) -> Any:
+    """A new row-major array: ``x`` with a column of ones appended."""
+    out = xp.empty((*x.shape[:-1], x.shape[-1] + 1), dtype=x.dtype, device=x.device)
+    out[..., :-1] = x
+    out[..., -1] = 1.0
+    return out
+
+
+def _prepare_inputs(
+    q: Any, k: Any, v: Any, *, scale: float, bias: Any, allowed: Any, keep: Any,
+    dropout_p: float, masked_rows: str, plan: _Plan, augment: bool, xp: Any,
+) -> _Inputs:
+    n = plan.ndim
+    kp, vp = _pad_rank(k, n, xp), _pad_rank(v, n, xp)
+    # K with a column of ones: a query row [q, -c] times its transpose gives q.k - c,
+    # so the shift of the online softmax comes out of the product instead of a pass
+    # over the scores. V with a column of ones gives the row sums of the weights out of
+    # the P @ V product (without dropout, where the sum runs over the same weights), and
+    # [dO, -D] times its transpose gives dP - D in the backward. A forward whose every
+    # query block sees one key span has no shift to fold (``augment`` False: it takes
+    # exact row maxima), and K is used as it is.
+    kp_used = _ones_appended(kp, xp) if augment else kp
+    bias_max: float | None = 0.0
+    if bias is not None:
+        bias_max = float(xp.max(bias)) if math.prod(bias.shape) else 0.0
+        if not bias_max < math.inf:  # NaN or +inf: no bound on the scores
+            bias_max = None
+    return _Inputs(
+        q=_pad_rank(q, n, xp), scale=scale, k=kp_used, v=_ones_appended(vp, xp),
+        bias=_pad_rank(bias, n, xp), allowed=_pad_rank(allowed, n, xp),
+        keep=_pad_rank(keep, n, xp), k_norm=xp.sqrt(xp.max(xp.vecdot(kp, kp), axis=-1)),
+        bias_max=bias_max, dropout_p=dropout_p, masked_rows=masked_rows, Ev=plan.Ev, xp=xp,
+    )
+
+
+@dataclass
+class _Rows:
+    """One (batch index, head group, query block): its rows and the slices it reads."""
+
+    b: tuple[int, ...]
+    h0: int
+    l0: int
+    l1: int
+    g: int
+    q: Any  # (R, E) scaled queries, R = g * (l1 - l0)
+    bias: Any
+    allowed: Any
+    keep: Any
+    positions: Any  # (bl, 1) query index + shift, for the causal mask (None if not causal)
+
+    @property
+    def bl(self) -> int:
+        return self.l1 - self.l0
+
+    @property
+    def R(self) -> int:
+        return self.g * self.bl
+
+
+def _rows(inp: _Inputs, plan: _Plan, b: tuple[int, ...], h0: int, l0: int, l1: int) -> _Rows:
+    xp = inp.xp
+    g = plan.group
+    q = inp.q[(*_batch_index(inp.q, b), slice(h0, h0 + g), slice(l0, l1), slice(None))]
+    # Scaling the (R x E) queries instead of every block of scores (R x S) saves a pass
+    # over the scores; it rounds each q entry once more (relative u), which the dot
+    # product's own bound already covers.
+    q = q * inp.scale
+    positions = None
+    if plan.causal:
+        positions = xp.reshape(xp.arange(l0, l1, device=q.device), (l1 - l0, 1)) + plan.shift
+    return _Rows(
+        b=b, h0=h0, l0=l0, l1=l1, g=g, q=xp.reshape(q, (g * (l1 - l0), plan.E)),
+        bias=_rows_of(inp.bias, b, plan, h0, l0, l1),
+        allowed=_rows_of(inp.allowed, b, plan, h0, l0, l1),
+        keep=_rows_of(inp.keep, b, plan, h0, l0, l1), positions=positions,
+    )
+
+
+def _with_shift(inp: _Inputs, rows: _Rows, shift: Any) -> Any:
+    """The (R, E + 1) rows [q, -shift]: times [K, 1]^T they give q.k - shift."""
+    xp = inp.xp
+    return xp.concat([rows.q, -xp.reshape(shift, (rows.R, 1))], axis=1)
+
+
+def _raw_scores(
+    inp: _Inputs, plan: _Plan, rows: _Rows, q_shift: Any, k: Any, s0: int, s1: int,
+    masked: bool,
+) -> tuple[Any, Any]:
+    """One block's scores minus the rows' shifts, scaled and biased, and which of them
+    are visible: ``(scores (R, n), visible)``, ``visible`` a boolean array that
+    broadcasts against ``(g, bl, n)``, or None when the mask hides nothing here.
+    ``q_shift`` comes from ``_with_shift`` (or is the plain (R, E) rows: no shift)."""
+    xp = inp.xp
+    scores = q_shift @ k[s0:s1, :q_shift.shape[1]].mT
+    if rows.bias is None and rows.allowed is None and not masked:
+        return scores, None
+    n = s1 - s0
+    if rows.bias is not None:
+        scores = xp.reshape(
+            xp.reshape(scores, (rows.g, rows.bl, n)) + _keys_of(rows.bias, s0, s1, plan.S),
+            (rows.R, n))
+    visible = _keys_of(rows.allowed, s0, s1, plan.S)
+    if masked:
+        diagonal = xp.reshape(xp.arange(s0, s1, device=scores.device), (1, n)) <= rows.positions
+        visible = diagonal if visible is None else xp.logical_and(visible, diagonal)
+    return scores, visible
+
+
+def _apply_visible(inp: _Inputs, rows: _Rows, x: Any, visible: Any, fill: float) -> Any:
+    """``x`` (R, n) with ``fill`` where ``visible`` is False."""
+    xp = inp.xp
+    if visible is None:
+        return x
+    n = x.shape[1]
+    filled = xp.where(visible, xp.reshape(x, (rows.g, rows.bl, n)),
+                      xp.asarray(fill, dtype=x.dtype, device=x.device))
+    return xp.reshape(filled, (rows.R, n))
+
+
+def _scores(
+    inp: _Inputs, plan: _Plan, rows: _Rows, q_shift: Any, k: Any, s0: int, s1: int,
+    masked: bool,
+) -> Any:
+    """(R, s1 - s0) final scores of one block minus the rows' shifts: scaled, biased,
+    masked with -inf (see ``_raw_scores``)."""
+    scores, visible = _raw_scores(inp, plan, rows, q_shift, k, s0, s1, masked)
+    return _apply_visible(inp, rows, scores, visible, -math.inf)
+
+
+def _exp_scores(
+    inp: _Inputs, plan: _Plan, rows: _Rows, q_shift: Any, k: Any, s0: int, s1: int,
+    masked: bool, no_overflow: bool,
+) -> Any:
+    """exp of ``_scores``: the unnormalised weights, exactly 0 where masked.
+
+    NumPy's vectorised exp takes a slow path for -inf (4x the time of a finite
+    argument), so when no exponent can overflow (``no_overflow``, known from the score
+    bound) the hidden scores are exponentiated as they are and their results replaced by
+    0, rather than set to -inf first: the same values (NaN or inf in a hidden score do
+    not reach the result either way).
+    """
+    if not no_overflow:
+        return inp.xp.exp(_scores(inp, plan, rows, q_shift, k, s0, s1, masked))
+    scores, visible = _raw_scores(inp, plan, rows, q_shift, k, s0, s1, masked)
+    return _apply_visible(inp, rows, inp.xp.exp(scores), visible, 0.0)
+
+
+def _drop(inp: _Inputs, rows: _Rows, x: Any, s0: int, s1: int, S: int) -> Any:
+    """Dropout on a (R, n) block of weights: zero the dropped, scale the kept."""
+    xp = inp.xp
+    if rows.keep is None:
+        return x
+    n = s1 - s0
+    zero = xp.asarray(0.0, dtype=x.dtype, device=x.device)
+    kept = xp.where(_keys_of(rows.keep, s0, s1, S), xp.reshape(x, (rows.g, rows.bl, n)), zero)
+    return xp.reshape(kept, (rows.R, n)) * (1.0 / (1.0 - inp.dropout_p))
+
+
+def _fill_value(masked_rows: str, S: int) -> float:
+    # The weight every key gets on a fully masked row under the "nan" / "uniform" policy.
+    return math.nan if masked_rows == "nan" else 1.0 / S
+
+
+# --- forward ----------------------------------------------------------------------------
+
+
+def _score_bound(inp: _Inputs, plan: _Plan, rows: _Rows, kh: int) -> Any:
+    """(R,) upper bounds of the rows' scores (Cauchy-Schwarz), or None if there is none.
+
+    |scale q_i . k_j| <= |scale| ||q_i|| max_j ||k_j||, plus the largest bias entry;
+    masks only remove scores. NaN or infinite inputs make the bound NaN or inf, which
+    never passes the test it serves, so those rows always take the checked way.
+    """
+    xp = inp.xp
+    if inp.bias_max is None:
+        return None
+    k_norm = inp.k_norm[(*_batch_index(inp.k_norm, rows.b), kh)]
+    return xp.sqrt(xp.sum(rows.q * rows.q, axis=1)) * k_norm + inp.bias_max
+
+
+class _Bound:
+    """The rows' score bound (``_score_bound``), computed on first use."""
+
+    def __init__(self, inp: _Inputs, plan: _Plan, rows: _Rows, kh: int) -> None:
+        self._args = (inp, plan, rows, kh)
+        self._bound: Any = None
+        self._known = False
+
+    def within(self, shift: Any, limit: float) -> bool:
+        """True when no score of the rows can exceed its shift by more than ``limit``."""
+        if not self._known:
+            self._bound, self._known = _score_bound(*self._args), True
+        inp = self._args[0]
+        return self._bound is not None and bool(inp.xp.all(self._bound - shift <= limit))
+
+
+def _initial_shift(
+    inp: _Inputs, plan: _Plan, rows: _Rows, k: Any, first: KeySpan, bound: _Bound
+) -> tuple[Any, Any, bool]:
+    """Each row's first shift: its largest score among the first ``_SHIFT_SAMPLE`` keys.
+
+    Returns ``(shift, unset, safe)``: rows with no finite score among those keys get
+    shift 0 and are marked in ``unset`` (False when there are none); ``safe`` is True
+    when no score of any row can exceed its shift by more than RESCALE_THRESHOLD (by
+    the Cauchy-Schwarz bound), so that no block needs a max pass at all.
+    """
+    xp = inp.xp
+    stop = min(first.stop, first.start + _SHIFT_SAMPLE)
+    top = xp.max(_scores(inp, plan, rows, rows.q, k, first.start, stop, first.masked), axis=1)
+    seen = top > -xp.inf  # False for NaN too: such rows stay on the checked way
+    shift = xp.where(seen, top, xp.asarray(0.0, dtype=top.dtype, device=top.device))
+    if not bool(xp.all(seen)):
+        return shift, xp.logical_not(seen), False
+    return shift, False, bound.within(shift, RESCALE_THRESHOLD)
+
+
+def _forward_item(
+    inp: _Inputs, plan: _Plan, res: DirectResult, item: tuple[tuple[int, ...], int, int]
+) -> None:
+    """Online softmax for one (batch index, head group, query block); writes its results.
+
+    Each row's shift (the running max of the textbook algorithm) starts at its largest
+    score among a few keys and is raised lazily: only when a block holds a score more
+    than ``RESCALE_THRESHOLD`` above it, or for a row that had no finite score yet. So
+    exponents stay <= RESCALE_THRESHOLD (no overflow) and the shift is a score actually
+    seen (the largest term is >= 1: no underflow). When the Cauchy-Schwarz bound keeps
+    every score of the rows within the threshold of their shifts, the blocks need
+    neither a max pass nor a rescaling: the shift comes out of the product with
+    [K, 1]^T, and the row sums out of the product with [V, 1]. A single key block takes
+    its exact row maxima instead (one pass, fewer array calls than the sample).
+    """
+    xp = inp.xp
+    b, grp, l0 = item
+    h0 = grp * plan.group
+    kh, vh = h0 // plan.heads_per_k, h0 // plan.heads_per_v
+    rows = _rows(inp, plan, b, h0, l0, min(l0 + plan.block_l, plan.L))
+    R, g, bl, Ev = rows.R, rows.g, rows.bl, plan.Ev
+    k = inp.k[(*_batch_index(inp.k, b), kh, ...)]
+    v = inp.v[(*_batch_index(inp.v, b), vh, ...)]
+    dtype, device = rows.q.dtype, rows.q.device
+    zero = xp.asarray(0.0, dtype=dtype, device=device)
+    drop_all = inp.keep is not None and inp.dropout_p >= 1.0
+    # Without dropout, V's column of ones makes the last column of acc the row sums.
+    sums_in_product = inp.keep is None
+    v_used = v if sums_in_product else v[:, :Ev]
+    region = (*b, slice(h0, h0 + g), slice(rows.l0, rows.l1))
+
+    spans = key_spans(rows.l0, rows.l1, plan.S, plan.block_s, causal=plan.causal,
+                      shift=plan.shift)
+    # unset: the rows without a finite score yet: True (all, no shift yet), False
+    # (none) or a boolean array.
+    bound = _Bound(inp, plan, rows, kh)
+    shift, unset, safe = None, True, False
+    if len(spans) > 1:
+        shift, unset, safe = _initial_shift(inp, plan, rows, k, spans[0], bound)
+    q_shift = rows.q if shift is None else _with_shift(inp, rows, shift)
+    acc = total = None
+    exp_limit = math.log(float(xp.finfo(dtype).max)) - 1.0  # exp overflows above
+    for index, span in enumerate(spans):
+        s0, s1 = span.start, span.stop
+        if safe:
+            # Every exponent is <= RESCALE_THRESHOLD: no overflow, no rescaling.
+            p = _exp_scores(inp, plan, rows, q_shift, k, s0, s1, span.masked, True)
+        else:
+            raw, visible = _raw_scores(inp, plan, rows, q_shift, k, s0, s1, span.masked)
+            scores = _apply_visible(inp, rows, raw, visible, -math.inf)
+            top = xp.max(scores, axis=1)
+            if unset is True:
+                # Nothing summed yet: every row with a finite score takes its maximum.
+                seen = top > -xp.inf  # NaN rows stay unset, and stay NaN
+                delta = shift = xp.where(seen, top, zero)
+                unset = False if bool(xp.all(seen)) else xp.logical_not(seen)
+            else:
+                grow = top > RESCALE_THRESHOLD
+                if unset is not False:
+                    grow = xp.logical_or(grow, xp.logical_and(unset, top > -xp.inf))
+                delta = None
+                if bool(xp.any(grow)):
+                    delta = xp.where(grow, top, zero)
+                    # Rows without a finite score have nothing to rescale (and
+                    # exp(-delta) could overflow there): factor 1.
+                    alpha = xp.exp(-(delta if unset is False
+                                     else xp.where(unset, zero, delta)))
+                    if acc is not None:
+                        acc = acc * xp.reshape(alpha, (R, 1))
+                    if total is not None:
+                        total = total * alpha
+                    shift = shift + delta
+                    if unset is not False:
+                        unset = xp.logical_and(unset, xp.logical_not(grow))
+                        unset = unset if bool(xp.any(unset)) else False
+            if delta is not None and index + 1 < len(spans):
+                q_shift = _with_shift(inp, rows, shift)
+                safe = unset is False and bound.within(shift, RESCALE_THRESHOLD)
+            if visible is not None and bound.within(shift, exp_limit):
+                # exp of the unmasked scores then 0 where hidden: see _exp_scores.
+                if delta is not None:
+                    raw -= xp.reshape(delta, (R, 1))
+                p = _apply_visible(inp, rows, xp.exp(raw), visible, 0.0)
+            else:
+                if delta is not None:
+                    scores -= xp.reshape(delta, (R, 1))
+                p = xp.exp(scores)
+        if not sums_in_product:
+            row_sums = xp.sum(p, axis=1)
+            total = row_sums if total is None else total + row_sums
+        if not drop_all:
+            part = _drop(inp, rows, p, s0, s1, plan.S) @ v_used[s0:s1, :]
+            acc = part if acc is None else acc + part
+    if acc is None:  # no key visited (or dropout_p = 1): nothing was added
+        acc = xp.zeros((R, v_used.shape[1]), dtype=dtype, device=device)
+    if shift is None:
+        shift = xp.zeros((R,), dtype=dtype, device=device)
+    if sums_in_product:
+        total = acc[:, Ev]
+        acc = acc[:, :Ev]
+    elif total is None:
+        total = xp.zeros((R,), dtype=dtype, device=device)
+
+    if unset is False:
+        masked, safe_total, lse = None, total, xp.log(total) + shift
+    else:
+        # Fully masked: no finite score ever and a sum of 0 (a NaN row never sets its
+        # shift either, but its sum is NaN).
+        masked = total == zero
+        if unset is not True:
+            masked = xp.logical_and(unset, masked)
+        safe_total = xp.where(masked, xp.asarray(1.0, dtype=dtype, device=device), total)
+        lse = xp.where(masked, xp.asarray(-xp.inf, dtype=dtype, device=device),
+                       xp.log(safe_total) + shift)
+    res.lse[region] = xp.reshape(lse, (g, bl))
+    if drop_all:
+        out = xp.zeros((R, Ev), dtype=dtype, device=device)
+    else:
+        out = acc / xp.reshape(safe_total, (R, 1))
+        if masked is not None and inp.masked_rows != "zero" and bool(xp.any(masked)):
+            out = xp.where(xp.reshape(masked, (R, 1)), _fill_rows(inp, plan, rows, v), out)
+    res.out[(*region, ...)] = xp.reshape(out, (g, bl, Ev))
+    if res.weights is not None:
+        _write_weights(inp, plan, res, rows, region, spans, k, shift, safe_total, masked)
+
+
+def _fill_rows(inp: _Inputs, plan: _Plan, rows: _Rows, v: Any) -> Any:
+    """Output of the masked-row policy's weights (NaN or 1/S on every key) for all rows.
+
+    The direct path applies dropout to those weights too, so a row whose every weight
+    is dropped gets 0 even under "nan"; reproducing that means visiting every key,
+    which only happens when some row of the block is fully masked.
+    """
+    xp = inp.xp
+    dtype, device = v.dtype, v.device
+    fill = _fill_value(inp.masked_rows, plan.S)
+    acc = xp.zeros((rows.R, plan.Ev), dtype=dtype, device=device)
+    for s0 in range(0, plan.S, plan.block_s):
+        s1 = min(s0 + plan.block_s, plan.S)
+        w = _drop(inp, rows, xp.full((rows.R, s1 - s0), fill, dtype=dtype, device=device),
+                  s0, s1, plan.S)
+        acc = acc + w @ v[s0:s1, :plan.Ev]
+    return acc
+
+
+def _write_weights(
+    inp: _Inputs, plan: _Plan, res: DirectResult, rows: _Rows, region: tuple,
+    spans: list[KeySpan], k: Any, shift: Any, total: Any, masked: Any,
+) -> None:
+    """Weights exp(s - shift) / sum with the rows' final shifts and sums: the direct
+    path's formula. The scores are recomputed (the weights need L x S memory anyway)."""
+    xp = inp.xp
+    g, bl = rows.g, rows.bl
+    folded = k.shape[-1] == plan.E + 1  # K has its column of ones
+    q_shift = _with_shift(inp, rows, shift) if folded else rows.q
+    for span in spans:
+        s0, s1 = span.start, span.stop
+        scores = _scores(inp, plan, rows, q_shift, k, s0, s1, span.masked)
+        if not folded:
+            scores -= xp.reshape(shift, (rows.R, 1))
+        w = xp.exp(scores) / xp.reshape(total, (rows.R, 1))
+        res.weights[(*region, slice(s0, s1))] = xp.reshape(w, (g, bl, s1 - s0))
+    if masked is not None and inp.masked_rows != "zero" and bool(xp.any(masked)):
+        row = res.weights[(*region, ...)]
+        fill = xp.asarray(_fill_value(inp.masked_rows, plan.S), dtype=row.dtype,
+                          device=row.device)
+        res.weights[(*region, ...)] = xp.where(xp.reshape(masked, (g, bl, 1)), fill, row)
+
+
+def blocked_attention(
+    q: Any,
+    k: Any,
+    v: Any,
+    *,
+    scale: float,
+    bias: Any,
+    allowed: Any,
+    keep: Any,
+    dropout_p: float,
+    masked_rows: str,
+    causal: bool = False,
+    alignment: str = "top_left",
+    return_weights: bool = False,
+    block_l: int | None = None,
+    block_s: int | None = None,
+    num_threads: int = 1,
+    xp: Any,
+) -> DirectResult:
+    """Attention by online softmax over key blocks, with bounded extra memory.
+
+    The contract of ``direct_attention``, with the causal structure passed as
+    ``(causal, alignment)`` instead of inside ``allowed``.
+
+    Parameters
+    ----------
+    q, k, v
+        (..., H, L, E), (..., K, S, E), (..., Kv, S, Ev) in the compute dtype, with
+        K and Kv dividing H.
+    scale
+        Multiplies q @ k^T.
+    bias
+        None or an additive float array broadcastable to (..., H, L, S).
+    allowed
+        None or the user's boolean mask broadcastable to (..., H, L, S): False masks a
+        score. The causal mask is not in it.
+    keep
+        None or a boolean dropout keep-mask broadcastable to (..., H, L, S).
+    dropout_p
+        Kept weights are scaled by 1 / (1 - dropout_p); dropout_p == 1 drops all.
+    masked_rows
+        Policy for fully masked rows (see ``masked_softmax``).
+    causal, alignment
+        Query i may attend keys j <= i + shift, shift = 0 ("top_left") or S - L
+        ("bottom_right"); key blocks no row of a query block may attend are skipped.
+    return_weights
+        Also return the (..., H, L, S) probabilities. They need L x S memory anyway;
+        they are filled in block by block from each row's final max and sum.
+    block_l, block_s
+        Query rows (per head) and keys per block; ``choose_blocks`` when None.
+    num_threads
+        Work items (batch index, head group, query block) run on this many threads.
+        The result does not depend on it.
+
+    Returns
+    -------
+    DirectResult
+        ``out`` (..., H, L, Ev), ``lse`` (..., H, L), ``weights`` or None.
+    """
+    plan = _make_plan(q, k, v, causal=causal, alignment=alignment, block_l=block_l,
+                      block_s=block_s)
+    batch, H, L, S, Ev = plan.batch, plan.H, plan.L, plan.S, plan.Ev
+    dtype, device = q.dtype, q.device
+    weights = None
+    if return_weights:
+        weights = xp.zeros((*batch, H, L, S), dtype=dtype, device=device)
+    if L == 0 or S == 0:
+        # No keys: every row is fully masked, and its (empty) weights meet no value, so
+        # the output is 0 whatever the policy, as in the direct path.
+        return DirectResult(
+            out=xp.zeros((*batch, H, L, Ev), dtype=dtype, device=device),
+            lse=xp.full((*batch, H, L), -xp.inf, dtype=dtype, device=device),
+            weights=weights,
+        )
+    starts = _query_starts(plan)
+    augment = any(len(key_spans(l0, min(l0 + plan.block_l, L), S, plan.block_s,
+                                causal=causal, shift=plan.shift)) > 1 for l0 in starts)
+    inp = _prepare_inputs(q, k, v, scale=scale, bias=bias, allowed=allowed, keep=keep,
+                          dropout_p=dropout_p, masked_rows=masked_rows, plan=plan,
+                          augment=augment, xp=xp)
+    res = DirectResult(
+        out=xp.empty((*batch, H, L, Ev), dtype=dtype, device=device),
+        lse=xp.empty((*batch, H, L), dtype=dtype, device=device), weights=weights,
+    )
+    items = list(itertools.product(_batch_indices(plan), range(H // plan.group),
+                                   _query_starts(plan)))
+    _run_items(items, lambda i, item: _forward_item(inp, plan, res, item), num_threads)
+    return res
+
+
+# --- backward ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Saved:
+    """What the backward reads per row besides the inputs (rank-padded)."""
+
+    grad_out: Any  # (..., H, L, Ev)
+    lse: Any  # (..., H, L)
+    D: Any  # (..., H, L): rowsum(dO * O)
+
+
+@dataclass
+class _RowGrads:
+    """The per-row quantities of one block of rows in the backward."""
+
+    rows: _Rows
+    grad_out: Any  # (R, Ev)
+    q_shift: Any  # (R, E + 1): [q, -lse], lse -> 0 on fully masked rows
+    out_shift: Any  # (R, Ev + 1): [dO, -D]
+    D: Any  # (R, 1)
+    masked: Any  # (R, 1) bool: fully masked rows, or None when there are none
+    no_overflow: bool  # no exponent S - lse can overflow (see _exp_scores)
+
+
+def _row_grads(
+    inp: _Inputs, plan: _Plan, saved: _Saved, rows: _Rows, kh: int
+) -> _RowGrads:
+    xp = inp.xp
+    R = rows.R
+
+    def per_row(x: Any, width: int) -> Any:
+        idx = (*_region(x, rows.b, plan, rows.h0, rows.l0, rows.l1), ...)
+        part = x[idx]
+        # Leading dims the saved array lacks broadcast; a (g, bl) block is contiguous
+        # after this reshape whether or not the heads were sliced.
+        part = xp.broadcast_to(part, (rows.g, rows.bl, *part.shape[2:]))
+        return xp.reshape(part, (R, width))
+
+    lse = per_row(saved.lse, 1)
+    masked = lse == -xp.inf
+    if bool(xp.any(masked)):
+        lse = xp.where(masked, xp.asarray(0.0, dtype=lse.dtype, device=lse.device), lse)
+    else:
+        masked = None
+    grad_out, D = per_row(saved.grad_out, plan.Ev), per_row(saved.D, 1)
+    # exp overflows above log(max float); stay 1 below it.
+    limit = math.log(float(xp.finfo(lse.dtype).max)) - 1.0
+    # As in the forward, the shifts come out of the products: [q, -lse] [K, 1]^T is
+    # S - lse and [dO, -D] [V, 1]^T is dP - D.
+    return _RowGrads(
+        rows=rows, grad_out=grad_out, q_shift=_with_shift(inp, rows, lse),
+        out_shift=xp.concat([grad_out, -D], axis=1), D=D, masked=masked,
+        no_overflow=_Bound(inp, plan, rows, kh).within(xp.reshape(lse, (rows.R,)), limit),
+    )
+
+
+def _weights_and_dscores(
+    inp: _Inputs, plan: _Plan, rg: _RowGrads, k: Any, v: Any, s0: int, s1: int,
+    masked: bool,
+) -> tuple[Any, Any]:
+    """P (before dropout) and dS for one block, as the direct backward computes them."""
+    xp = inp.xp
+    rows = rg.rows
+    p = _exp_scores(inp, plan, rows, rg.q_shift, k, s0, s1, masked, rg.no_overflow)
+    if rg.masked is not None and inp.masked_rows != "zero":
+        fill = xp.asarray(_fill_value(inp.masked_rows, plan.S), dtype=p.dtype, device=p.device)
+        p = xp.where(rg.masked, fill, p)
+    # dS = P (dP - D), formed in place in the product's fresh result: one block less
+    # to allocate.
+    if rows.keep is None:
+        ds = rg.out_shift @ xp.matrix_transpose(v[s0:s1, :])
+    else:
+        # Dropout acts on dP before D is subtracted: no folding.
+        ds = _drop(inp, rows, rg.grad_out @ xp.matrix_transpose(v[s0:s1, :plan.Ev]),
+                   s0, s1, plan.S)
+        ds -= rg.D
+    ds *= p
+    if rg.masked is not None and inp.masked_rows != "nan":
+        # "zero" and "uniform" rows are constants of q, k and bias: no gradient flows;
+        # "nan" rows keep the plain softmax's NaN gradient.
+        ds = xp.where(rg.masked, xp.asarray(0.0, dtype=ds.dtype, device=ds.device), ds)
+    return p, ds
+
+
+def _backward_item(
+    inp: _Inputs, plan: _Plan, saved: _Saved, scale: float, unit: int, chunk: int,
+    sums: dict[str, _OrderedSum], i: int, item: tuple[tuple[int, ...], int, int],
+) -> None:
+    """All gradients from one (batch index, head unit, key chunk).
+
+    Visits every (query block, key block) pair of the unit's heads with a key in the
+    chunk, once: dV and dK of the chunk's keys are complete at the end; dQ (and d bias,
+    where the bias is shared along keys) are this chunk's part of a sum over chunks.
+    """
+    xp = inp.xp
+    b, u, c0 = item
+    c1 = min(c0 + chunk, plan.S)
+    E, Ev, n = plan.E, plan.Ev, c1 - c0
+    dtype, device = inp.q.dtype, inp.q.device
+    heads = slice(u * unit, (u + 1) * unit)
+    kh0, vh0 = heads.start // plan.heads_per_k, heads.start // plan.heads_per_v
+    dk = [xp.zeros((n, E), dtype=dtype, device=device) for _ in range(unit // plan.heads_per_k)]
+    dv = [xp.zeros((n, Ev), dtype=dtype, device=device)
+          for _ in range(unit // plan.heads_per_v)]
+    dq = xp.zeros((unit, plan.L, E), dtype=dtype, device=device)
+    db = db_index = None
+    if "dbias" in sums:
+        target = sums["dbias"].target
+        db_index = _unit_region(target, b, plan, heads, c0, c1)
+        db = xp.zeros(tuple(target[db_index].shape), dtype=dtype, device=device)
+    blocks = query_blocks(c0, c1, plan.L, plan.block_l, causal=plan.causal, shift=plan.shift,
+                          skip=plan.skip)
+    for h0 in range(heads.start, heads.stop, plan.group):
+        kh, vh = h0 // plan.heads_per_k, h0 // plan.heads_per_v
+        k = inp.k[(*_batch_index(inp.k, b), kh, ...)]
+        v = inp.v[(*_batch_index(inp.v, b), vh, ...)]
+        for blk in blocks:
+            rows = _rows(inp, plan, b, h0, blk.start, blk.stop)
+            rg = _row_grads(inp, plan, saved, rows, kh)
+            g, bl = rows.g, rows.bl
+            dq_rows = xp.zeros((rows.R, E), dtype=dtype, device=device)
+            for span in key_spans(blk.start, blk.stop, plan.S, plan.block_s,
+                                  causal=plan.causal, shift=plan.shift, skip=plan.skip):
+                s0, s1 = max(span.start, c0), min(span.stop, c1)
+                if s0 >= s1:
+                    continue
+                p, ds = _weights_and_dscores(inp, plan, rg, k, v, s0, s1, span.masked)
+                keys = slice(s0 - c0, s1 - c0)
+                p = _drop(inp, rows, p, s0, s1, plan.S)
+                dv[vh - vh0][keys, :] = dv[vh - vh0][keys, :] + xp.matrix_transpose(p) @ rg.grad_out
+                # rows.q is scaled: this is scale dS^T Q.
+                dk[kh - kh0][keys, :] = dk[kh - kh0][keys, :] + xp.matrix_transpose(ds) @ rows.q
+                dq_rows = dq_rows + ds @ k[s0:s1, :E]
+                if db is not None:
+                    _add_dbias(xp, db, ds, plan, h0 - heads.start, g, blk.start, bl, s0 - c0,
+                               s1 - c0)
+            dq[h0 - heads.start:h0 - heads.start + g, blk.start:blk.stop, :] = xp.reshape(
+                dq_rows * scale, (g, bl, E))
+    sums["dq"].add(i, (*_batch_index(inp.q, b), heads, slice(None), slice(None)), dq)
+    sums["dk"].add(i, (*_batch_index(inp.k, b), slice(kh0, kh0 + len(dk)), slice(c0, c1),
+                       slice(None)), xp.stack(dk))
+    sums["dv"].add(i, (*_batch_index(inp.v, b), slice(vh0, vh0 + len(dv)), slice(c0, c1),
+                       slice(None)), xp.stack(dv))
+    if db is not None:
+        sums["dbias"].add(i, db_index, db)
+
+
+def _unit_region(x: Any, b: tuple[int, ...], plan: _Plan, heads: slice, c0: int,
+                 c1: int) -> tuple:
+    """Index of the part of a broadcastable (..., H, L, S) array one backward item
+    covers: the unit's heads, every query, the chunk's keys (size-1 axes stay size 1)."""
+    nb = len(b)
+    return (
+        *_batch_index(x, b),
+        _axis_slice(x.shape[nb], plan.H, heads.start, heads.stop),
+        slice(None),
+        _axis_slice(x.shape[nb + 2], plan.S, c0, c1),
+    )
+
+
+def _add_dbias(xp: Any, db: Any, ds: Any, plan: _Plan, h: int, g: int, l0: int, bl: int,
+               k0: int, k1: int) -> None:
+    """Add a (g * bl, k1 - k0) block of dS to the item's d bias, summing it over the axes
+    along which the bias was broadcast (its size-1 axes)."""
+    part = xp.reshape(ds, (g, bl, k1 - k0))
+    index = []
+    for axis, (size, start, stop) in enumerate(((g, h, h + g), (bl, l0, l0 + bl),
+                                                 (k1 - k0, k0, k1))):
+        if db.shape[axis] == 1:
+            if size > 1:
+                part = xp.sum(part, axis=axis, keepdims=True)
+            index.append(slice(0, 1))
+        else:
+            index.append(slice(start, stop))
+    db[tuple(index)] = db[tuple(index)] + part
+
+
+def blocked_attention_backward(
+    grad_out: Any,
+    q: Any,
+    k: Any,
+    v: Any,
+    *,
+    scale: float,
+    bias: Any,
+    allowed: Any,
+    keep: Any,
+    dropout_p: float,
+    masked_rows: str,
+    out: Any,
+    lse: Any,
+    causal: bool = False,
+    alignment: str = "top_left",
+    block_l: int | None = None,
+    block_s: int | None = None,
+    num_threads: int = 1,
+    xp: Any,
+) -> BackwardResult:
+    """Gradients of ``blocked_attention``, recomputing the weights block by block.
+
+    The contract of ``direct_backward``, with the causal structure passed as
+    ``(causal, alignment)`` instead of inside ``allowed``.
+
+    Parameters
+    ----------
+    grad_out
+        (..., H, L, Ev) gradient of the output, in the compute dtype.
+    q, k, v, scale, bias, allowed, keep, dropout_p, masked_rows, causal, alignment
+        As for ``blocked_attention``.
+    out, lse
+        The forward output (..., H, L, Ev) and LSE (..., H, L; leading dims may be 1 or
+        absent), or None to compute them with ``blocked_attention`` first.
+    block_l, block_s, num_threads
+        As for ``blocked_attention``; the result does not depend on ``num_threads``.
+
+    Returns
+    -------
+    BackwardResult
+        dq, dk, dv with the shapes of q, k, v; dbias with the shape of bias (None when
+        bias is None).
+    """
+    plan = _make_plan(q, k, v, causal=causal, alignment=alignment, block_l=block_l,
+                      block_s=block_s, backward=True)
+    dtype, device = q.dtype, q.device
+    n = plan.ndim
+    # Every entry of the gradients is assigned by some work item (each covers its keys
+    # and its heads' queries whole), so they start empty, except when nothing runs.
+    nothing = plan.L == 0 or plan.S == 0 or (keep is not None and dropout_p >= 1.0)
+    new = xp.zeros if nothing else xp.empty
+    grads = [new((1,) * (n - x.ndim) + tuple(x.shape), dtype=dtype, device=device)
+             for x in (q, k, v)]
+    dbias = None
+    if bias is not None:
+        dbias = new((1,) * (n - bias.ndim) + tuple(bias.shape), dtype=dtype, device=device)
+
+    def result() -> BackwardResult:
+        dq, dk, dv = (xp.reshape(g, tuple(x.shape)) for g, x in zip(grads, (q, k, v),
+                                                                     strict=True))
+        db = None if dbias is None else xp.reshape(dbias, tuple(bias.shape))
+        return BackwardResult(dq=dq, dk=dk, dv=dv, dbias=db)
+
+    if nothing:
+        # Nothing to differentiate, or dropout_p = 1: the output is identically zero.
+        return result()
+    if out is None or lse is None:
+        fwd = blocked_attention(
+            q, k, v, scale=scale, bias=bias, allowed=allowed, keep=keep, dropout_p=dropout_p,
+            masked_rows=masked_rows, causal=causal, alignment=alignment, block_l=block_l,
+            block_s=block_s, num_threads=num_threads, xp=xp,
+        )
+        out = fwd.out if out is None else out
+        lse = fwd.lse if lse is None else lse
+    if masked_rows != "zero" and bool(xp.any(lse == -xp.inf)):
+        # A fully masked row weighs every key under "nan" and "uniform", also the keys
+        # the causal mask hides: then every block is visited.
+        plan = replace(plan, skip=False)
+    inp = _prepare_inputs(q, k, v, scale=scale, bias=bias, allowed=allowed, keep=keep,
+                          dropout_p=dropout_p, masked_rows=masked_rows, plan=plan,
+                          augment=True, xp=xp)
+    saved = _Saved(
+        grad_out=_pad_rank(grad_out, n, xp), lse=_pad_rank(lse, n - 1, xp),
+        D=_pad_rank(xp.vecdot(grad_out, out), n - 1, xp),
+    )
+    batches = _batch_indices(plan)
+
+    # One item per (batch index, head unit, key chunk). A unit is the smallest run of
+    # query heads holding whole key-head and value-head groups. The keys are cut into
+    # chunks (on the key-block grid) only when there are fewer than _MIN_ITEMS units:
+    # chunks share dQ, summed in chunk order. The cut depends on the shapes alone.
+    unit = math.lcm(plan.heads_per_k, plan.heads_per_v)
+    key_blocks = -(-plan.S // plan.block_s)
+    units = len(batches) * (plan.H // unit)
+    chunks = min(key_blocks, max(1, -(-_MIN_ITEMS // units)))
+    chunk = -(-key_blocks // chunks) * plan.block_s
+    items = list(itertools.product(batches, range(plan.H // unit), range(0, plan.S, chunk)))
+    sums = {
+        "dq": _OrderedSum(grads[0], [(_batch_index(inp.q, b), u) for b, u, _ in items]),
+        "dk": _OrderedSum(grads[1], [(_batch_index(inp.k, b), u, c) for b, u, c in items]),
+        "dv": _OrderedSum(grads[2], [(_batch_index(inp.v, b), u, c) for b, u, c in items]),
+    }
+    if dbias is not None:
+        sums["dbias"] = _OrderedSum(dbias, [
+            _hashable(_unit_region(dbias, b, plan, slice(u * unit, (u + 1) * unit), c,
+                                   min(c + chunk, plan.S)))
+            for b, u, c in items
+        ])
+    _run_items(
+        items, lambda i, item: _backward_item(inp, plan, saved, scale, unit, chunk, sums, i, item),
+        num_threads, list(sums.values()),
+    )
+    return result()
