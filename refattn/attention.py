@@ -15,10 +15,18 @@ import numpy as np
 
 from . import _threads, _validate
 from ._agnostic._accurate import compensated_attention, compensated_backward
-from ._agnostic._backward import direct_backward
+from ._agnostic._backward import direct_backward, sum_to_shape
 from ._agnostic._blocked import blocked_attention, blocked_attention_backward
 from ._agnostic._direct import direct_attention
-from ._agnostic._masks import causal_mask
+from ._agnostic._masks import (
+    alibi_bias,
+    alignment_shift,
+    evaluate_mask_mod,
+    index_grids,
+    merge_windows,
+    window_mask,
+)
+from ._agnostic._scores import ScoreMods
 from ._agnostic._softmax import MASKED_ROW_POLICIES
 from ._namespace import infer_namespace
 
@@ -71,10 +79,12 @@ class _Prepared:
     q: Any
     k: Any
     v: Any
-    bias: Any
-    mask: Any  # the user's mask only; the causal structure is kept apart (below)
-    causal: bool
+    bias: Any  # the user's bias with ALiBi added (both are additive, after softcap)
+    mask: Any  # the user's mask AND mask_mod; the positional window is kept apart (below)
+    window: tuple[int | None, int | None] | None  # causal and window merged
     alignment: str
+    shift: int
+    mods: ScoreMods
     keep: Any
     keep_user: Any
     scale: float
@@ -84,20 +94,31 @@ class _Prepared:
     in_dtype: Any
     compute_dtype: Any
 
+    def _and_window(self, left: int | None, right: int | None) -> Any:
+        if left is None and right is None:
+            return self.mask
+        pos = window_mask(self.shapes.L, self.shapes.S, left=left, right=right,
+                          shift=self.shift, xp=self.xp, device=self.device)
+        return pos if self.mask is None else self.xp.logical_and(self.mask, pos)
+
     @property
     def allowed(self) -> Any:
-        """The user's mask AND the causal mask, materialised at (L, S) when causal.
+        """The mask AND the positional window, materialised at (L, S) when there is one.
 
-        Built on demand: the blocked path takes ``mask`` and ``(causal, alignment)``
-        instead, so that it never holds an (L, S) array and can skip masked blocks.
+        Built on demand: the blocked path takes ``blocked_structure`` instead, so that
+        the right edge of the window (the causal diagonal) skips blocks.
         """
-        if not self.causal:
-            return self.mask
-        tri = causal_mask(
-            self.shapes.L, self.shapes.S, alignment=self.alignment, xp=self.xp,
-            device=self.device,
-        )
-        return tri if self.mask is None else self.xp.logical_and(self.mask, tri)
+        return self._and_window(*(self.window or (None, None)))
+
+    @property
+    def blocked_structure(self) -> dict[str, Any]:
+        """The blocked path's arguments: the window's right edge as a (moved) causal
+        diagonal whose hidden blocks are skipped, its left edge inside ``allowed``."""
+        left, right = self.window or (None, None)
+        return {
+            "allowed": self._and_window(left, None), "causal": right is not None,
+            "alignment": self.alignment, "diagonal_offset": 0 if right is None else right,
+        }
 
 
 def _compute_dtype(compute_dtype: Any, xp: Any) -> Any:
@@ -136,14 +157,60 @@ def _draw_keep_mask(rng: Any, dropout_p: float, shape: tuple[int, ...]) -> np.nd
     return generator.random(shape) >= dropout_p
 
 
+def _check_window(window: Any) -> tuple[int | None, int | None] | None:
+    # (left, right) with None or -1 meaning "unlimited on that side" (flash-attn's -1).
+    if window is None:
+        return None
+    if not isinstance(window, (tuple, list)) or len(window) != 2:
+        raise TypeError(f"window must be a pair (left, right) or None; got {window!r}")
+    sides = []
+    for side, value in zip(("left", "right"), window, strict=True):
+        if value is None or (isinstance(value, numbers.Integral) and not isinstance(value, bool)
+                             and value == -1):
+            sides.append(None)
+        elif isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0:
+            sides.append(int(value))
+        else:
+            raise ValueError(
+                f"window's {side} edge must be a non-negative int, or None / -1 for "
+                f"unlimited; got {value!r}"
+            )
+    return sides[0], sides[1]
+
+
+def _check_softcap(softcap: Any) -> float | None:
+    if softcap is None:
+        return None
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+        raise TypeError(f"softcap must be a positive real number or None; got {softcap!r}")
+    value = float(softcap)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(
+            f"softcap must be positive and finite (None turns it off); got {value}"
+        )
+    return value
+
+
+def _check_callable(name: str, fn: Any) -> None:
+    if fn is not None and not callable(fn):
+        raise TypeError(f"{name} must be a callable or None; got {type(fn).__name__}")
+
+
 def _prepare(
     q: Any, k: Any, v: Any, *, mask: Any, bias: Any, causal: Any, alignment: Any, scale: Any,
     dropout_p: Any, dropout_mask: Any, rng: Any, masked_rows: Any, layout: Any,
-    compute_dtype: Any, precision: Any, implementation: Any, xp: Any,
+    compute_dtype: Any, precision: Any, implementation: Any, xp: Any, window: Any = None,
+    softcap: Any = None, alibi_slopes: Any = None, score_mod: Any = None,
+    mask_mod: Any = None,
 ) -> _Prepared:
     xp, device = infer_namespace(
-        {"q": q, "k": k, "v": v, "bias": bias}, {"mask": mask, "dropout_mask": dropout_mask}, xp=xp
+        {"q": q, "k": k, "v": v, "bias": bias, "alibi_slopes": alibi_slopes},
+        {"mask": mask, "dropout_mask": dropout_mask}, xp=xp,
     )
+    window_sides = _check_window(window)
+    softcap_value = _check_softcap(softcap)
+    _check_callable("score_mod", score_mod)
+    _check_callable("mask_mod", mask_mod)
     _validate.check_choice("layout", layout, LAYOUTS)
     _validate.check_choice("masked_rows", masked_rows, MASKED_ROW_POLICIES)
     _validate.check_choice("precision", precision, PRECISIONS)
@@ -198,7 +265,21 @@ def _prepare(
                 "use a mask of all False or a smaller dropout_p"
             )
         keep = keep_user
+    if alibi_slopes is not None:
+        _validate.check_broadcastable(
+            "alibi_slopes", alibi_slopes, (*shapes.batch, shapes.H), "(batch dims, H)")
+        if alibi_slopes.ndim == 0:
+            raise ValueError("alibi_slopes must have a head axis: shape (H,) or (B, H); got ()")
     cdtype = _compute_dtype(compute_dtype, xp)
+    nonadditive = [name for name, value in (("softcap", softcap_value), ("score_mod", score_mod))
+                   if value is not None]
+    if nonadditive and (precision == "compensated" or implementation == "blocked"):
+        what = f"precision={precision!r}" if precision == "compensated" else \
+            "implementation='blocked'"
+        raise ValueError(
+            f"{what} does not support {' and '.join(nonadditive)} (they need the whole "
+            "score array: use implementation=None or 'direct' with precision='standard')"
+        )
     direct = implementation in (None, "direct")
     if precision == "compensated" and (cdtype != xp.float64 or not direct):
         # Its error-free transformations are derived for float64 on the materialised path.
@@ -211,17 +292,36 @@ def _prepare(
     # cost the blocked path a fifth of its time at B=4, H=16, L=S=256 (fresh pages).
     qc, kc, vc = (_to_rank3(xp.astype(x, cdtype, copy=False), xp) for x in (q, k, v))
     bias_c = None if bias is None else xp.astype(bias, cdtype, copy=False)
+    shift = alignment_shift(shapes.L, shapes.S, alignment)
+    if alibi_slopes is not None:
+        # ALiBi is additive and comes right after the bias: fold it in.
+        alibi = alibi_bias(xp.astype(alibi_slopes, cdtype), shapes.L, shapes.S, shift=shift,
+                           xp=xp)
+        bias_c = alibi if bias_c is None else bias_c + alibi
+    grids = None
+    if score_mod is not None or mask_mod is not None:
+        grids = index_grids(shapes.batch, shapes.H, shapes.L, shapes.S, xp=xp, device=device)
+    if mask_mod is not None:
+        assert grids is not None
+        modded = evaluate_mask_mod(mask_mod, grids, xp=xp)
+        _validate.check_broadcastable("mask_mod's result", modded, scores_shape, _SHAPE_LEGEND)
+        mask = modded if mask is None else xp.logical_and(mask, modded)
     return _Prepared(
         xp=xp, device=device, shapes=shapes, q=qc, k=kc, v=vc, bias=bias_c, mask=mask,
-        causal=causal, alignment=alignment, keep=keep, keep_user=keep_user, scale=scale_value,
-        dropout_p=p, masked_rows=masked_rows, layout=layout, in_dtype=q.dtype, compute_dtype=cdtype,
+        window=merge_windows(causal, window_sides), alignment=alignment, shift=shift,
+        mods=ScoreMods(softcap=softcap_value, score_mod=score_mod, grids=grids),
+        keep=keep, keep_user=keep_user, scale=scale_value, dropout_p=p,
+        masked_rows=masked_rows, layout=layout, in_dtype=q.dtype, compute_dtype=cdtype,
     )
 
 
 def _use_blocked(prep: _Prepared, implementation: str | None) -> bool:
-    # The explicit choice wins; None goes by the size of the score array.
+    # The explicit choice wins; None goes by the size of the score array, except that
+    # softcap and score_mod exist on the direct path only.
     if implementation is not None:
         return implementation == "blocked"
+    if prep.mods.active:
+        return False
     return math.prod(prep.shapes.scores) > DIRECT_MAX_SCORES
 
 
@@ -243,8 +343,13 @@ def attention(
     mask: Any = None,
     bias: Any = None,
     causal: bool = False,
+    window: tuple[int | None, int | None] | None = None,
     alignment: str = "top_left",
     scale: float | None = None,
+    softcap: float | None = None,
+    alibi_slopes: Any = None,
+    score_mod: Any = None,
+    mask_mod: Any = None,
     dropout_p: float = 0.0,
     dropout_mask: Any = None,
     rng: Any = None,
@@ -279,12 +384,28 @@ def attention(
         Added to the scaled scores; broadcastable to (..., H, L, S). -inf entries mask.
     causal : bool
         Restrict query i to keys j <= i + shift (see ``alignment``); combined with
-        ``mask`` by logical AND.
+        ``mask`` by logical AND. The same as ``window=(None, 0)``.
+    window : (left, right), optional
+        Sliding window: query i sees keys j with i + shift - left <= j <= i + shift +
+        right; None or -1 leaves that side unlimited. With ``causal`` the two intersect.
     alignment : {"top_left", "bottom_right"}
-        shift = 0 (torch's ``is_causal``) or S - L (flash-attn, decoding).
+        shift = 0 (torch's ``is_causal``) or S - L (flash-attn, decoding), for causal,
+        windows and ALiBi alike.
     scale : float, optional
         Multiplies q @ k^T; defaults to 1/sqrt(E). Zero gives the mean of the attended
         values; negative values are allowed.
+    softcap : float, optional
+        ``c * tanh(s / c)`` on the scaled scores, before the bias (flash-attn, Gemma).
+    alibi_slopes : float array, optional
+        (H,) or (..., H) slopes: adds ``-slope * |i + shift - j|`` after the bias.
+    score_mod : callable, optional
+        ``score_mod(score, b, h, q_idx, kv_idx)`` (FlexAttention's), evaluated once on the
+        whole score array after ALiBi with broadcast integer index grids: b (..., 1, 1, 1)
+        the flat batch index, h (H, 1, 1), q_idx (L, 1), kv_idx (1, S). Use operators and
+        the namespace's functions so it runs on every library.
+    mask_mod : callable, optional
+        ``mask_mod(b, h, q_idx, kv_idx)`` returning a boolean array (True = take part),
+        ANDed with the other masks.
     dropout_p : float
         Probability of dropping a weight; kept weights are scaled by 1/(1 - dropout_p).
         ``dropout_p=1`` gives zeros. Needs ``dropout_mask`` or ``rng``.
@@ -307,7 +428,9 @@ def attention(
         whatever the logit size; several times slower; float64 direct path only; see
         docs/accuracy.rst).
     implementation : {None, "direct", "blocked"}
-        Which path computes: "direct" materialises the (..., H, L, S) scores;
+        Which path computes (softcap and score_mod exist on "direct" only; None then
+        takes it; on "blocked" a window's left edge, ALiBi and mask_mod are materialised
+        at (..., H, L, S) like a mask or bias): "direct" materialises the (..., H, L, S) scores;
         "blocked" runs an online softmax over cache-sized blocks with extra memory
         O(block) per worker thread, skips key blocks the causal mask hides, and computes
         ``weights`` (when asked) block by block from each row's final max and sum. None
@@ -352,12 +475,20 @@ def attention(
     True
     >>> res.lse.shape
     (2, 4, 5)
+
+    Variants compose in a fixed order (scale, softcap, bias, ALiBi, score_mod, masks):
+
+    >>> out = refattn.attention(q, k, v, window=(2, 0), softcap=30.0,
+    ...                         alibi_slopes=np.full(4, 0.5), alignment="bottom_right")
+    >>> out.shape
+    (2, 4, 5, 3)
     """
     prep = _prepare(
         q, k, v, mask=mask, bias=bias, causal=causal, alignment=alignment, scale=scale,
         dropout_p=dropout_p, dropout_mask=dropout_mask, rng=rng, masked_rows=masked_rows,
         layout=layout, compute_dtype=compute_dtype, precision=precision,
-        implementation=implementation, xp=xp,
+        implementation=implementation, xp=xp, window=window, softcap=softcap,
+        alibi_slopes=alibi_slopes, score_mod=score_mod, mask_mod=mask_mod,
     )
     if precision == "compensated":
         res = compensated_attention(
@@ -368,15 +499,16 @@ def attention(
     elif _use_blocked(prep, implementation):
         with _threads.worker_threads(prep.xp) as num_threads:
             res = blocked_attention(
-                prep.q, prep.k, prep.v, scale=prep.scale, bias=prep.bias, allowed=prep.mask,
+                prep.q, prep.k, prep.v, scale=prep.scale, bias=prep.bias,
                 keep=prep.keep, dropout_p=prep.dropout_p, masked_rows=prep.masked_rows,
-                causal=prep.causal, alignment=prep.alignment, return_weights=return_weights,
+                **prep.blocked_structure, return_weights=return_weights,
                 num_threads=num_threads, xp=prep.xp,
             )
     else:
         res = direct_attention(
             prep.q, prep.k, prep.v, scale=prep.scale, bias=prep.bias, allowed=prep.allowed,
-            keep=prep.keep, dropout_p=prep.dropout_p, masked_rows=prep.masked_rows, xp=prep.xp,
+            keep=prep.keep, dropout_p=prep.dropout_p, masked_rows=prep.masked_rows,
+            mods=prep.mods, xp=prep.xp,
         )
     out = _finish(res.out, prep, swap=True)
     if not (return_weights or return_lse or return_dropout_mask):
@@ -466,8 +598,13 @@ def attention_backward(
     mask: Any = None,
     bias: Any = None,
     causal: bool = False,
+    window: tuple[int | None, int | None] | None = None,
     alignment: str = "top_left",
     scale: float | None = None,
+    softcap: float | None = None,
+    alibi_slopes: Any = None,
+    score_mod: Any = None,
+    mask_mod: Any = None,
     dropout_p: float = 0.0,
     dropout_mask: Any = None,
     rng: Any = None,
@@ -571,7 +708,8 @@ def attention_backward(
         q, k, v, mask=mask, bias=bias, causal=causal, alignment=alignment, scale=scale,
         dropout_p=dropout_p, dropout_mask=dropout_mask, rng=rng, masked_rows=masked_rows,
         layout=layout, compute_dtype=compute_dtype, precision=precision,
-        implementation=implementation, xp=xp,
+        implementation=implementation, xp=xp, window=window, softcap=softcap,
+        alibi_slopes=alibi_slopes, score_mod=score_mod, mask_mod=mask_mod,
     )
     # q first, so that a mismatch is reported as "q is a ... array but grad_out is ...".
     infer_namespace({"q": q, "grad_out": grad_out, "output": output, "lse": lse}, xp=xp)
@@ -604,21 +742,24 @@ def attention_backward(
         with _threads.worker_threads(xp) as num_threads:
             grads = blocked_attention_backward(
                 _to_compute_layout(grad_out, prep), prep.q, prep.k, prep.v, scale=prep.scale,
-                bias=prep.bias, allowed=prep.mask, keep=prep.keep, dropout_p=prep.dropout_p,
+                bias=prep.bias, keep=prep.keep, dropout_p=prep.dropout_p,
                 masked_rows=prep.masked_rows,
                 out=None if output is None else _to_compute_layout(output, prep), lse=lse_c,
-                causal=prep.causal, alignment=prep.alignment, num_threads=num_threads, xp=xp,
+                **prep.blocked_structure, num_threads=num_threads, xp=xp,
             )
     else:
         grads = direct_backward(
             _to_compute_layout(grad_out, prep), prep.q, prep.k, prep.v, scale=prep.scale,
             bias=prep.bias, allowed=prep.allowed, keep=prep.keep, dropout_p=prep.dropout_p,
             masked_rows=prep.masked_rows,
-            out=None if output is None else _to_compute_layout(output, prep), lse=lse_c, xp=xp,
+            out=None if output is None else _to_compute_layout(output, prep), lse=lse_c,
+            mods=prep.mods, xp=xp,
         )
     return AttentionGrads(
         dq=_finish_grad(grads.dq, q, prep),
         dk=_finish_grad(grads.dk, k, prep),
         dv=_finish_grad(grads.dv, v, prep),
-        dbias=None if bias is None else xp.astype(grads.dbias, bias.dtype),
+        # The computed bias may hold ALiBi too (broadcast wider): reduce to the user's.
+        dbias=None if bias is None else xp.astype(
+            sum_to_shape(grads.dbias, tuple(bias.shape), xp=xp), bias.dtype),
     )

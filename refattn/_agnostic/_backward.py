@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ._scores import ScoreMods, pre_mask_scores, score_slopes
 from ._direct import repeat_heads
 from ._softmax import masked_softmax
 
@@ -92,12 +93,10 @@ def weights_from_lse(scores: Any, lse: Any, *, masked_rows: str, xp: Any) -> Any
     return _apply_row_policy(weights, row_masked, masked_rows, xp=xp)
 
 
-def _scores(q: Any, k: Any, *, scale: float, bias: Any, allowed: Any, xp: Any) -> Any:
+def _scores(scaled: Any, *, bias: Any, allowed: Any, mods: ScoreMods | None, xp: Any) -> Any:
     # Built exactly as the forward pass builds them (the mask added as 0 / -inf), so the
     # weights recomputed here are the forward's weights, NaN propagation included.
-    scores = (q @ xp.matrix_transpose(k)) * scale
-    if bias is not None:
-        scores = scores + bias
+    scores = pre_mask_scores(scaled, bias=bias, mods=mods, xp=xp)
     if allowed is not None:
         zero = xp.asarray(0.0, dtype=scores.dtype, device=scores.device)
         neg_inf = xp.asarray(-xp.inf, dtype=scores.dtype, device=scores.device)
@@ -119,6 +118,7 @@ def direct_backward(
     masked_rows: str,
     out: Any,
     lse: Any,
+    mods: ScoreMods | None = None,
     xp: Any,
 ) -> BackwardResult:
     """Gradients of ``direct_attention`` with respect to q, k, v and bias.
@@ -135,6 +135,9 @@ def direct_backward(
     lse
         None, or the forward LSE (..., H, L) to rebuild the weights from instead of
         recomputing the softmax.
+    mods
+        softcap and score_mod: the chain rule multiplies dS by their slopes (d bias
+        takes the score_mod's, dQ and dK both).
 
     Returns
     -------
@@ -147,7 +150,8 @@ def direct_backward(
     H = q.shape[-3]
     kr = repeat_heads(k, H // k.shape[-3], xp=xp)
     vr = repeat_heads(v, H // v.shape[-3], xp=xp)
-    scores = _scores(q, kr, scale=scale, bias=bias, allowed=allowed, xp=xp)
+    scaled = (q @ xp.matrix_transpose(kr)) * scale
+    scores = _scores(scaled, bias=bias, allowed=allowed, mods=mods, xp=xp)
     if lse is None:
         weights, lse = masked_softmax(scores, masked_rows=masked_rows, xp=xp)
     else:
@@ -181,12 +185,19 @@ def direct_backward(
         # plain softmax's NaN gradient.
         d_scores = xp.where(row_masked, zero, d_scores)
 
-    dq = (d_scores @ kr) * scale
-    dk = sum_groups((xp.matrix_transpose(d_scores) @ q) * scale, k.shape[-3], xp=xp)
+    d_biased = d_raw = d_scores
+    if mods is not None and mods.active:
+        mod_slope, cap_slope = score_slopes(scaled, bias=bias, mods=mods, xp=xp)
+        # Masked entries have d_scores = 0 exactly; a slope that is not finite there (a
+        # mod undefined off the mask) must not turn that 0 into NaN.
+        d_biased = xp.where(d_scores == 0, zero, d_scores * mod_slope)
+        d_raw = d_biased * cap_slope
+    dq = (d_raw @ kr) * scale
+    dk = sum_groups((xp.matrix_transpose(d_raw) @ q) * scale, k.shape[-3], xp=xp)
     dv = sum_groups(dv, v.shape[-3], xp=xp)
     return BackwardResult(
         dq=sum_to_shape(dq, q.shape, xp=xp),
         dk=sum_to_shape(dk, k.shape, xp=xp),
         dv=sum_to_shape(dv, v.shape, xp=xp),
-        dbias=None if bias is None else sum_to_shape(d_scores, bias.shape, xp=xp),
+        dbias=None if bias is None else sum_to_shape(d_biased, bias.shape, xp=xp),
     )

@@ -47,7 +47,6 @@ import itertools
 import math
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -203,7 +202,8 @@ class _Plan:
 
 
 def _make_plan(
-    q: Any, k: Any, v: Any, *, causal: bool, alignment: str, block_l: int | None,
+    q: Any, k: Any, v: Any, *, causal: bool, alignment: str, diagonal_offset: int = 0,
+    block_l: int | None,
     block_s: int | None, backward: bool = False,
 ) -> _Plan:
     H, L, E = q.shape[-3:]
@@ -216,7 +216,7 @@ def _make_plan(
         E=E, Ev=Ev, group=group, heads_per_k=heads_per_k, heads_per_v=heads_per_v,
         block_l=auto_l if block_l is None else block_l,
         block_s=auto_s if block_s is None else block_s, causal=causal,
-        shift=alignment_shift(L, S, alignment) if causal else 0, skip=True,
+        shift=alignment_shift(L, S, alignment) + diagonal_offset if causal else 0, skip=True,
     )
 
 
@@ -315,6 +315,13 @@ def _run_items(
     items: Sequence[Any], work: Callable[[int, Any], None], num_threads: int,
     sums: Sequence[_OrderedSum] = (),
 ) -> None:
+    """Run ``work(i, items[i])`` for every item on ``num_threads`` threads.
+
+    Each thread takes the next item in list order (so an item never starts before the
+    items before it, which ``_OrderedSum`` relies on). Plain threads pulling indices
+    cost a tenth of a ThreadPoolExecutor's futures per item, which shows with many small
+    items. The first error stops the taking of new items and is raised at the end.
+    """
     def run(i: int) -> None:
         try:
             work(i, items[i])
@@ -326,9 +333,30 @@ def _run_items(
         for i in range(len(items)):
             run(i)
         return
-    with ThreadPoolExecutor(max_workers=min(num_threads, len(items))) as pool:
-        for _ in pool.map(run, range(len(items))):
-            pass
+    indices = iter(range(len(items)))
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        while True:
+            with lock:
+                i = None if errors else next(indices, None)
+            if i is None:
+                return
+            try:
+                run(i)
+            except BaseException as error:  # noqa: BLE001 - re-raised in the caller
+                with lock:
+                    errors.append(error)
+
+    threads = [threading.Thread(target=worker, daemon=True)
+               for _ in range(min(num_threads, len(items)))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
 
 
 # --- shared block arithmetic ------------------------------------------------------------
@@ -377,8 +405,8 @@ def _prepare_inputs(
     # over the scores. V with a column of ones gives the row sums of the weights out of
     # the P @ V product (without dropout, where the sum runs over the same weights), and
     # [dO, -D] times its transpose gives dP - D in the backward. A forward whose every
-    # query block sees one key span has no shift to fold (``augment`` False: it takes
-    # exact row maxima), and K is used as it is.
+    # query block sees one unmasked key span has no shift to fold (``augment`` False:
+    # it takes exact row maxima), and K is used as it is.
     kp_used = _ones_appended(kp, xp) if augment else kp
     bias_max: float | None = 0.0
     if bias is not None:
@@ -587,7 +615,8 @@ def _forward_item(
     every score of the rows within the threshold of their shifts, the blocks need
     neither a max pass nor a rescaling: the shift comes out of the product with
     [K, 1]^T, and the row sums out of the product with [V, 1]. A single key block takes
-    its exact row maxima instead (one pass, fewer array calls than the sample).
+    its exact row maxima instead (one pass, fewer array calls than the sample), unless
+    the causal mask crosses it.
     """
     xp = inp.xp
     b, grp, l0 = item
@@ -611,7 +640,7 @@ def _forward_item(
     # (none) or a boolean array.
     bound = _Bound(inp, plan, rows, kh)
     shift, unset, safe = None, True, False
-    if len(spans) > 1:
+    if len(spans) > 1 or (spans and spans[0].masked):
         shift, unset, safe = _initial_shift(inp, plan, rows, k, spans[0], bound)
     q_shift = rows.q if shift is None else _with_shift(inp, rows, shift)
     acc = total = None
@@ -756,6 +785,7 @@ def blocked_attention(
     masked_rows: str,
     causal: bool = False,
     alignment: str = "top_left",
+    diagonal_offset: int = 0,
     return_weights: bool = False,
     block_l: int | None = None,
     block_s: int | None = None,
@@ -785,9 +815,11 @@ def blocked_attention(
         Kept weights are scaled by 1 / (1 - dropout_p); dropout_p == 1 drops all.
     masked_rows
         Policy for fully masked rows (see ``masked_softmax``).
-    causal, alignment
-        Query i may attend keys j <= i + shift, shift = 0 ("top_left") or S - L
-        ("bottom_right"); key blocks no row of a query block may attend are skipped.
+    causal, alignment, diagonal_offset
+        Query i may attend keys j <= i + shift + diagonal_offset, shift = 0
+        ("top_left") or S - L ("bottom_right"); key blocks no row of a query block may
+        attend are skipped. A window's right edge is the causal diagonal moved by
+        ``diagonal_offset``.
     return_weights
         Also return the (..., H, L, S) probabilities. They need L x S memory anyway;
         they are filled in block by block from each row's final max and sum.
@@ -802,7 +834,8 @@ def blocked_attention(
     DirectResult
         ``out`` (..., H, L, Ev), ``lse`` (..., H, L), ``weights`` or None.
     """
-    plan = _make_plan(q, k, v, causal=causal, alignment=alignment, block_l=block_l,
+    plan = _make_plan(q, k, v, causal=causal, alignment=alignment,
+                      diagonal_offset=diagonal_offset, block_l=block_l,
                       block_s=block_s)
     batch, H, L, S, Ev = plan.batch, plan.H, plan.L, plan.S, plan.Ev
     dtype, device = q.dtype, q.device
@@ -817,9 +850,9 @@ def blocked_attention(
             lse=xp.full((*batch, H, L), -xp.inf, dtype=dtype, device=device),
             weights=weights,
         )
-    starts = _query_starts(plan)
-    augment = any(len(key_spans(l0, min(l0 + plan.block_l, L), S, plan.block_s,
-                                causal=causal, shift=plan.shift)) > 1 for l0 in starts)
+    # The shift is folded into the products wherever a query block sees more than one
+    # key span, or a masked one (see _forward_item).
+    augment = causal or S > plan.block_s
     inp = _prepare_inputs(q, k, v, scale=scale, bias=bias, allowed=allowed, keep=keep,
                           dropout_p=dropout_p, masked_rows=masked_rows, plan=plan,
                           augment=augment, xp=xp)
@@ -1027,6 +1060,7 @@ def blocked_attention_backward(
     lse: Any,
     causal: bool = False,
     alignment: str = "top_left",
+    diagonal_offset: int = 0,
     block_l: int | None = None,
     block_s: int | None = None,
     num_threads: int = 1,
@@ -1041,7 +1075,8 @@ def blocked_attention_backward(
     ----------
     grad_out
         (..., H, L, Ev) gradient of the output, in the compute dtype.
-    q, k, v, scale, bias, allowed, keep, dropout_p, masked_rows, causal, alignment
+    q, k, v, scale, bias, allowed, keep, dropout_p, masked_rows, causal, alignment,
+    diagonal_offset
         As for ``blocked_attention``.
     out, lse
         The forward output (..., H, L, Ev) and LSE (..., H, L; leading dims may be 1 or
@@ -1055,7 +1090,8 @@ def blocked_attention_backward(
         dq, dk, dv with the shapes of q, k, v; dbias with the shape of bias (None when
         bias is None).
     """
-    plan = _make_plan(q, k, v, causal=causal, alignment=alignment, block_l=block_l,
+    plan = _make_plan(q, k, v, causal=causal, alignment=alignment,
+                      diagonal_offset=diagonal_offset, block_l=block_l,
                       block_s=block_s, backward=True)
     dtype, device = q.dtype, q.device
     n = plan.ndim
@@ -1081,7 +1117,8 @@ def blocked_attention_backward(
     if out is None or lse is None:
         fwd = blocked_attention(
             q, k, v, scale=scale, bias=bias, allowed=allowed, keep=keep, dropout_p=dropout_p,
-            masked_rows=masked_rows, causal=causal, alignment=alignment, block_l=block_l,
+            masked_rows=masked_rows, causal=causal, alignment=alignment,
+            diagonal_offset=diagonal_offset, block_l=block_l,
             block_s=block_s, num_threads=num_threads, xp=xp,
         )
         out = fwd.out if out is None else out

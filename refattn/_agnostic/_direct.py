@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ._scores import ScoreMods, pre_mask_scores
 from ._softmax import masked_softmax
 
 __all__ = ["DirectResult", "direct_attention", "repeat_heads"]
@@ -42,6 +43,7 @@ def direct_attention(
     keep: Any,
     dropout_p: float,
     masked_rows: str,
+    mods: ScoreMods | None = None,
     xp: Any,
 ) -> DirectResult:
     """Attention with every intermediate materialised.
@@ -63,13 +65,13 @@ def direct_attention(
         Kept weights are scaled by 1 / (1 - dropout_p); dropout_p == 1 drops all.
     masked_rows
         Policy for fully masked rows (see ``masked_softmax``).
+    mods
+        softcap and score_mod, applied around the bias (see ``_scores``).
     """
     H = q.shape[-3]
     k = repeat_heads(k, H // k.shape[-3], xp=xp)
     v = repeat_heads(v, H // v.shape[-3], xp=xp)
-    scores = (q @ xp.matrix_transpose(k)) * scale
-    if bias is not None:
-        scores = scores + bias
+    scores = pre_mask_scores((q @ xp.matrix_transpose(k)) * scale, bias=bias, mods=mods, xp=xp)
     if allowed is not None:
         # Added as 0 / -inf (not selected with where) so that a NaN or +inf score at a
         # masked position still poisons its row, exactly as torch's additive masks do.

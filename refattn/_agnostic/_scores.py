@@ -1,0 +1,90 @@
+"""The score transformations between the scaled product and the masks.
+
+In DESIGN.md's order, ``scale -> softcap -> bias (ALiBi folded in) -> score_mod ->
+masks``. The direct path and its backward apply ``pre_mask_scores`` to the whole
+(..., H, L, S) array; ``score_slopes`` gives the chain rule factors the backward needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["ScoreMods", "pre_mask_scores", "score_slopes"]
+
+
+@dataclass(frozen=True)
+class ScoreMods:
+    """The non-additive score transformations: softcap and a score_mod with its grids."""
+
+    softcap: float | None = None
+    score_mod: Callable[..., Any] | None = None
+    grids: tuple[Any, Any, Any, Any] | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.softcap is not None or self.score_mod is not None
+
+
+def pre_mask_scores(scaled: Any, *, bias: Any, mods: ScoreMods | None, xp: Any) -> Any:
+    """softcap -> + bias -> score_mod on the scaled scores."""
+    s = scaled
+    if mods is not None and mods.softcap is not None:
+        s = xp.tanh(s / mods.softcap) * mods.softcap
+    if bias is not None:
+        s = s + bias
+    if mods is not None and mods.score_mod is not None:
+        assert mods.grids is not None
+        s = mods.score_mod(s, *mods.grids)
+        if getattr(s, "dtype", None) != scaled.dtype:
+            raise TypeError(
+                "score_mod must return an array of the scores' dtype "
+                f"({scaled.dtype}); got {type(s).__name__} {getattr(s, 'dtype', '')}"
+            )
+    return s
+
+
+def score_slopes(scaled: Any, *, bias: Any, mods: ScoreMods, xp: Any) -> tuple[Any, Any]:
+    """``(d final / d biased, d biased / d scaled)``: the score_mod and softcap slopes.
+
+    A score_mod's slope comes from its ``derivative(score, b, h, q_idx, kv_idx)``
+    attribute when it has one; otherwise the mod must be affine in the score, which is
+    checked (a second difference that is not zero within rounding is an error).
+    """
+    one = xp.asarray(1.0, dtype=scaled.dtype, device=scaled.device)
+    cap_slope: Any = one
+    s = scaled
+    if mods.softcap is not None:
+        t = xp.tanh(s / mods.softcap)
+        cap_slope = 1 - t * t
+        s = t * mods.softcap
+    if bias is not None:
+        s = s + bias
+    mod_slope: Any = one
+    if mods.score_mod is not None:
+        assert mods.grids is not None
+        derivative = getattr(mods.score_mod, "derivative", None)
+        if derivative is not None:
+            mod_slope = derivative(s, *mods.grids)
+        else:
+            mod_slope = _affine_slope(mods.score_mod, s, mods.grids, xp=xp)
+    return mod_slope, cap_slope
+
+
+def _affine_slope(mod: Callable[..., Any], s: Any, grids: tuple[Any, ...], *, xp: Any) -> Any:
+    # An affine mod a*s + c has slope f(s + 1) - f(s) everywhere; a third point tells a
+    # non-affine mod, which is refused rather than differentiated wrongly.
+    f0, f1, f2 = (mod(s + d, *grids) for d in (0.0, 1.0, 2.0))
+    slope = f1 - f0
+    curvature = xp.abs((f2 - f1) - slope)
+    size = xp.abs(f0) + xp.abs(f1) + xp.abs(f2) + 1
+    eps = xp.finfo(s.dtype).eps
+    finite = xp.logical_and(xp.isfinite(f0), xp.isfinite(f2))
+    if bool(xp.any(xp.logical_and(finite, curvature > 16 * eps * size))):
+        raise ValueError(
+            "the gradient through score_mod needs a mod affine in the score (a * score + "
+            "c) or a `derivative(score, b, h, q_idx, kv_idx)` attribute giving d mod / "
+            "d score; this score_mod has neither (the mods of refattn.mods carry theirs)"
+        )
+    return slope
