@@ -17,7 +17,7 @@ from . import _threads, _validate
 from ._agnostic._accurate import compensated_attention, compensated_backward
 from ._agnostic._backward import direct_backward, sum_to_shape
 from ._agnostic._blocked import blocked_attention, blocked_attention_backward
-from ._agnostic._direct import direct_attention
+from ._agnostic._direct import DirectResult, direct_attention
 from ._agnostic._masks import (
     alibi_bias,
     alignment_shift,
@@ -28,12 +28,15 @@ from ._agnostic._masks import (
 )
 from ._agnostic._scores import ScoreMods
 from ._agnostic._softmax import MASKED_ROW_POLICIES
-from ._namespace import infer_namespace
+from ._namespace import infer_namespace, library_name
 
 __all__ = ["AttentionGrads", "AttentionResult", "attention", "attention_backward"]
 
 LAYOUTS = ("BHLD", "BLHD")
-IMPLEMENTATIONS = (None, "direct", "blocked")
+IMPLEMENTATIONS = (None, "direct", "blocked", "cuda")
+# Array libraries whose arrays the fused CUDA kernels take (a module constant so the
+# tests can route NumPy arrays to the kernels run on the CPU shim).
+_KERNEL_LIBRARIES = frozenset({"cupy"})
 # implementation=None materialises the scores (the direct path) up to this many score
 # elements (..., H, L, S), 2**20 = 8 MiB in float64 with about five such arrays alive
 # at once, and runs the blocked path above it: there the direct path's memory grows
@@ -325,6 +328,69 @@ def _use_blocked(prep: _Prepared, implementation: str | None) -> bool:
     return math.prod(prep.shapes.scores) > DIRECT_MAX_SCORES
 
 
+def _use_cuda(prep: _Prepared, implementation: str | None, options: dict[str, Any]) -> bool:
+    # Kernels for CuPy inputs whose options they implement; "cuda" insists, None falls
+    # back to the array-API path (the results are the same up to rounding).
+    library = library_name(prep.q)
+    if implementation not in (None, "cuda"):
+        return False
+    if library not in _KERNEL_LIBRARIES:
+        if implementation == "cuda":
+            raise ValueError(
+                f"implementation='cuda' runs on CuPy arrays; got {library} arrays (use "
+                "implementation=None, 'direct' or 'blocked')"
+            )
+        return False
+    from . import _cuda
+
+    reason = _cuda.unsupported_option(head_dim=prep.shapes.E, value_head_dim=prep.shapes.Ev,
+                                      **options)
+    if reason is not None and implementation == "cuda":
+        raise ValueError(f"implementation='cuda' does not support {reason}")
+    return reason is None
+
+
+def _cuda_forward(prep: _Prepared, implementation: str | None, need_lse: bool) -> Any:
+    from . import _cuda
+
+    try:
+        out, lse = _cuda.flash_attention(
+            prep.q, prep.k, prep.v, batch_shape=prep.shapes.batch, scale=prep.scale,
+            causal=prep.window is not None, alignment=prep.alignment,
+            compute_dtype=prep.compute_dtype, need_lse=need_lse, xp=prep.xp,
+        )
+    except _cuda.UnsupportedLaunch as exc:
+        # Known only at launch (shared memory of this device): same rule as above.
+        if implementation == "cuda":
+            raise ValueError(f"implementation='cuda' does not support {exc}") from None
+        return None
+    return DirectResult(out=out, lse=lse, weights=None)
+
+
+def _array_api_forward(prep: _Prepared, implementation: str | None, precision: str,
+                       return_weights: bool) -> Any:
+    # The xp path: compensated arithmetic, the blocked online softmax or the direct one.
+    if precision == "compensated":
+        return compensated_attention(
+            prep.q, prep.k, prep.v, scale=prep.scale, bias=prep.bias, allowed=prep.allowed,
+            keep=prep.keep, dropout_p=prep.dropout_p, masked_rows=prep.masked_rows,
+            need_weights=return_weights, xp=prep.xp,
+        )
+    if _use_blocked(prep, implementation):
+        with _threads.worker_threads(prep.xp) as num_threads:
+            return blocked_attention(
+                prep.q, prep.k, prep.v, scale=prep.scale, bias=prep.bias,
+                keep=prep.keep, dropout_p=prep.dropout_p, masked_rows=prep.masked_rows,
+                **prep.blocked_structure, return_weights=return_weights,
+                num_threads=num_threads, xp=prep.xp,
+            )
+    return direct_attention(
+        prep.q, prep.k, prep.v, scale=prep.scale, bias=prep.bias, allowed=prep.allowed,
+        keep=prep.keep, dropout_p=prep.dropout_p, masked_rows=prep.masked_rows,
+        mods=prep.mods, xp=prep.xp,
+    )
+
+
 def _finish(x: Any, prep: _Prepared, *, swap: bool) -> Any:
     # Back to the user's rank, layout and dtype.
     xp = prep.xp
@@ -427,10 +493,13 @@ def attention(
         sums rounded once at the end (within about half an ulp of the exact result
         whatever the logit size; several times slower; float64 direct path only; see
         docs/accuracy.rst).
-    implementation : {None, "direct", "blocked"}
-        Which path computes (softcap and score_mod exist on "direct" only; None then
-        takes it; on "blocked" a window's left edge, ALiBi and mask_mod are materialised
-        at (..., H, L, S) like a mask or bias): "direct" materialises the (..., H, L, S) scores;
+    implementation : {None, "direct", "blocked", "cuda"}
+        Which path computes. "cuda" runs the fused CUDA kernel on CuPy arrays (the
+        options it lacks are named in an error; None uses it for CuPy inputs whose
+        options it has, see docs/gpu.rst). softcap and score_mod exist on "direct" only
+        (None then takes it); on "blocked" a window's left edge, ALiBi and mask_mod are
+        materialised at (..., H, L, S) like a mask or bias. "direct" materialises the
+        (..., H, L, S) scores;
         "blocked" runs an online softmax over cache-sized blocks with extra memory
         O(block) per worker thread, skips key blocks the causal mask hides, and computes
         ``weights`` (when asked) block by block from each row's final max and sum. None
@@ -490,26 +559,19 @@ def attention(
         implementation=implementation, xp=xp, window=window, softcap=softcap,
         alibi_slopes=alibi_slopes, score_mod=score_mod, mask_mod=mask_mod,
     )
-    if precision == "compensated":
-        res = compensated_attention(
-            prep.q, prep.k, prep.v, scale=prep.scale, bias=prep.bias, allowed=prep.allowed,
-            keep=prep.keep, dropout_p=prep.dropout_p, masked_rows=prep.masked_rows,
-            need_weights=return_weights, xp=prep.xp,
-        )
-    elif _use_blocked(prep, implementation):
-        with _threads.worker_threads(prep.xp) as num_threads:
-            res = blocked_attention(
-                prep.q, prep.k, prep.v, scale=prep.scale, bias=prep.bias,
-                keep=prep.keep, dropout_p=prep.dropout_p, masked_rows=prep.masked_rows,
-                **prep.blocked_structure, return_weights=return_weights,
-                num_threads=num_threads, xp=prep.xp,
-            )
-    else:
-        res = direct_attention(
-            prep.q, prep.k, prep.v, scale=prep.scale, bias=prep.bias, allowed=prep.allowed,
-            keep=prep.keep, dropout_p=prep.dropout_p, masked_rows=prep.masked_rows,
-            mods=prep.mods, xp=prep.xp,
-        )
+    options = {
+        "mask": mask, "bias": bias, "causal": causal, "window": window, "alignment": alignment,
+        "scale": scale, "softcap": softcap, "alibi_slopes": alibi_slopes,
+        "score_mod": score_mod, "mask_mod": mask_mod, "dropout_p": dropout_p,
+        "dropout_mask": dropout_mask, "rng": rng, "masked_rows": masked_rows,
+        "compute_dtype": compute_dtype, "precision": precision,
+        "return_weights": return_weights, "return_lse": return_lse,
+        "return_dropout_mask": return_dropout_mask,
+    }
+    res = _cuda_forward(prep, implementation, return_lse) \
+        if _use_cuda(prep, implementation, options) else None
+    if res is None:
+        res = _array_api_forward(prep, implementation, precision, return_weights)
     out = _finish(res.out, prep, swap=True)
     if not (return_weights or return_lse or return_dropout_mask):
         return out
