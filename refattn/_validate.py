@@ -76,12 +76,24 @@ def _heads(x: Any) -> int:
     return x.shape[-3] if x.ndim >= 3 else 1
 
 
-def check_qkv(q: Any, k: Any, v: Any) -> AttentionShapes:
-    """Check q (..., H, L, E), k (..., K, S, E), v (..., Kv, S, Ev) against each other."""
+def _shown(x: Any, layout: str) -> tuple[int, ...]:
+    # Shapes in messages are the user's, in the user's layout (the check runs on BHLD).
+    shape = tuple(x.shape)
+    if layout == "BLHD" and len(shape) >= 3:
+        shape = (*shape[:-3], shape[-2], shape[-3], shape[-1])
+    return shape
+
+
+def check_qkv(q: Any, k: Any, v: Any, *, layout: str = "BHLD") -> AttentionShapes:
+    """Check q (..., H, L, E), k (..., K, S, E), v (..., Kv, S, Ev) against each other.
+
+    The arrays arrive with heads on axis -3; ``layout`` only says how to show shapes.
+    """
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.ndim < 2:
             raise ValueError(
-                f"{name} must be at least 2-D (..., L or S, head dim); got shape {tuple(x.shape)}"
+                f"{name} must be at least 2-D (..., L or S, head dim); got shape "
+                f"{_shown(x, layout)}"
             )
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(
@@ -89,28 +101,28 @@ def check_qkv(q: Any, k: Any, v: Any) -> AttentionShapes:
         )
     if k.shape[-1] != q.shape[-1]:
         raise ValueError(
-            f"k's head dim E must equal q's: q has shape {tuple(q.shape)} (E={q.shape[-1]}), "
-            f"k has shape {tuple(k.shape)} (E={k.shape[-1]})"
+            f"k's head dim E must equal q's: q has shape {_shown(q, layout)} (E={q.shape[-1]}), "
+            f"k has shape {_shown(k, layout)} (E={k.shape[-1]})"
         )
     if v.shape[-2] != k.shape[-2]:
         raise ValueError(
-            f"v must have as many positions S as k: k has shape {tuple(k.shape)} "
-            f"(S={k.shape[-2]}), v has shape {tuple(v.shape)} (S={v.shape[-2]})"
+            f"v must have as many positions S as k: k has shape {_shown(k, layout)} "
+            f"(S={k.shape[-2]}), v has shape {_shown(v, layout)} (S={v.shape[-2]})"
         )
     H, K, Kv = _heads(q), _heads(k), _heads(v)
     for name, n in (("k", K), ("v", Kv)):
         if n == 0 or H % n:
             raise ValueError(
                 f"{name}'s head count must divide q's (grouped-query attention): q has "
-                f"H={H} heads, {name} has {n} (shapes q {tuple(q.shape)}, "
-                f"{name} {tuple(k.shape if name == 'k' else v.shape)})"
+                f"H={H} heads, {name} has {n} (shapes q {_shown(q, layout)}, "
+                f"{name} {_shown(k if name == 'k' else v, layout)})"
             )
     try:
         batch = broadcast_shapes(*(tuple(x.shape[:-3]) for x in (q, k, v)))
     except ValueError:
         raise ValueError(
             "the leading (batch) dims of q, k and v must broadcast; got shapes "
-            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+            f"q {_shown(q, layout)}, k {_shown(k, layout)}, v {_shown(v, layout)}"
         ) from None
     return AttentionShapes(
         batch=batch, H=H, K=K, Kv=Kv, L=q.shape[-2], S=k.shape[-2], E=q.shape[-1],

@@ -223,7 +223,7 @@ def _prepare(
         raise TypeError(f"causal must be True or False; got {causal!r}")
     if layout == "BLHD":
         q, k, v = (_swap_head_axis(x, xp) for x in (q, k, v))
-    shapes = _validate.check_qkv(q, k, v)
+    shapes = _validate.check_qkv(q, k, v, layout=layout)
     scores_shape = shapes.scores
     if mask is not None:
         if not xp.isdtype(mask.dtype, "bool"):

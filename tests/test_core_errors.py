@@ -213,3 +213,11 @@ def test_sdpa_flags_must_be_bools(name):
 def test_sdpa_dropout_without_mask_or_seed():
     with pytest.raises(ValueError, match=r"needs an explicit dropout_mask"):
         refattn.scaled_dot_product_attention(Q, Q, Q, dropout_p=0.1)
+
+
+def test_shapes_in_messages_are_shown_in_the_users_layout():
+    q = np.ones((2, 5, 4, 3))     # BLHD: L=5, H=4
+    k = np.ones((2, 6, 4, 2))
+    with pytest.raises(ValueError, match=r"q has shape \(2, 5, 4, 3\) \(E=3\), k has shape "
+                       r"\(2, 6, 4, 2\)"):
+        refattn.attention(q, k, np.ones((2, 6, 4, 3)), layout="BLHD")
