@@ -5,8 +5,9 @@ against the Python array API, so the same code checks kernels on NumPy, torch, C
 and array-api-strict arrays.
 """
 
-from .attention import AttentionGrads, AttentionResult, attention, attention_backward
+from . import mods
 from ._threads import get_num_threads, set_num_threads
+from .attention import AttentionGrads, AttentionResult, attention, attention_backward
 from .classic import attention_pooling, attention_scores, bmm_attention
 from .compat.torch import (
     MultiheadAttention,
@@ -14,20 +15,27 @@ from .compat.torch import (
     scaled_dot_product_attention,
     scaled_dot_product_attention_backward,
 )
+from .kvcache import KVCacheResult, attention_with_kvcache
+from .varlen import attention_varlen, attention_varlen_backward
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AttentionGrads",
     "AttentionResult",
+    "KVCacheResult",
     "MultiheadAttention",
     "__version__",
     "attention",
     "attention_backward",
     "attention_pooling",
     "attention_scores",
+    "attention_varlen",
+    "attention_varlen_backward",
+    "attention_with_kvcache",
     "bmm_attention",
     "get_num_threads",
+    "mods",
     "multi_head_attention_forward",
     "scaled_dot_product_attention",
     "scaled_dot_product_attention_backward",

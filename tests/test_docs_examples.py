@@ -10,7 +10,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 # Pages whose python blocks are complete programs. A page joins this list when its
 # examples are written to run as they stand.
-PAGES = ["README.md", "docs/index.rst", "docs/checking.rst", "docs/accuracy.rst"]
+PAGES = ["README.md", "docs/index.rst", "docs/checking.rst", "docs/accuracy.rst",
+         "docs/variants.rst"]
 
 
 def _blocks(path: Path) -> list[str]:
