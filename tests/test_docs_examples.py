@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # Pages whose python blocks are complete programs. A page joins this list when its
 # examples are written to run as they stand.
 PAGES = ["README.md", "docs/index.rst", "docs/checking.rst", "docs/accuracy.rst",
-         "docs/variants.rst"]
+         "docs/variants.rst", "docs/conventions.rst"]
 
 
 def _blocks(path: Path) -> list[str]:
