@@ -17,7 +17,28 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["baseline_budget", "rounding_bound", "max_abs_error"]
+__all__ = ["baseline_budget", "gradient_rounding_bound", "max_abs_error", "rounding_bound"]
+
+
+def _finite_max(x: np.ndarray) -> float:
+    a = np.abs(np.asarray(x, dtype=np.float64))
+    return float(np.max(np.where(np.isfinite(a), a, 0.0), initial=0.0))
+
+
+def _logit_error(q: np.ndarray, k: np.ndarray, *, scale: float, bias: np.ndarray | None,
+                 u: float) -> float:
+    # delta <= (E + 2) u A: A bounds |scale| sum_e |q_ie||k_je| (plus |bias|), the size of
+    # the terms whose rounding a logit carries (E products, E - 1 additions, the scale
+    # and the bias addition).
+    E = q.shape[-1]
+    qa = np.abs(q.astype(np.float64))
+    qa = np.where(np.isfinite(qa), qa, 0.0)
+    # Head counts may differ (grouped-query); the largest |q| row against the largest
+    # |k| entry bounds every pairing.
+    A = abs(scale) * float(np.max(qa.sum(axis=-1), initial=0.0) if E else 0.0) * _finite_max(k)
+    if bias is not None:
+        A += _finite_max(bias)
+    return (E + 2) * u * A
 
 
 def rounding_bound(
@@ -67,26 +88,12 @@ def rounding_bound(
     >>> 0 < b < 1e-13
     True
     """
-    E, S = q.shape[-1], k.shape[-2]
+    S = k.shape[-2]
     u = float(np.finfo(dtype).eps) / 2
     if q.shape[-2] == 0 or S == 0 or v.size == 0:
         return 0.0
-    qa = np.abs(q.astype(np.float64))
-    ka = np.abs(k.astype(np.float64))
-    finite = np.isfinite
-    qa = np.where(finite(qa), qa, 0.0)
-    ka = np.where(finite(ka), ka, 0.0)
-    # Head counts may differ (grouped-query); the largest |q| row against the largest
-    # |k| row bounds every pairing.
-    A = abs(scale) * float(np.max(qa.sum(axis=-1) if E else 0.0)) * float(
-        np.max(ka) if ka.size else 0.0
-    )
-    if bias is not None:
-        b = np.abs(np.asarray(bias, dtype=np.float64))
-        A += float(np.max(np.where(finite(b), b, 0.0), initial=0.0))
-    delta = (E + 2) * u * A
-    va = np.abs(v.astype(np.float64))
-    vmax = float(np.max(np.where(finite(va), va, 0.0), initial=0.0))
+    delta = _logit_error(q, k, scale=scale, bias=bias, u=u)
+    vmax = _finite_max(v)
     keep_scale = 1.0 / (1.0 - dropout_p) if dropout_p < 1 else 0.0
     one = vmax * (2 * delta + (2 * S + 3) * u) * keep_scale
     return 2.0 * one
@@ -114,3 +121,98 @@ def baseline_budget(baseline_error: float, *, factor: float, dtype: np.dtype,
     True
     """
     return factor * baseline_error + float(np.finfo(dtype).eps) / 2 * vmax
+
+
+def gradient_rounding_bound(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    grad_out: np.ndarray,
+    *,
+    scale: float,
+    bias: np.ndarray | None = None,
+    bias_shape: tuple[int, ...] | None = None,
+    dropout_p: float = 0.0,
+    dtype: np.dtype | type = np.float64,
+) -> dict[str, float]:
+    """Bounds on the errors of dQ, dK, dV (and d bias) in ``dtype``, times two.
+
+    The first-order analysis of ``rounding_bound`` carried through the backward pass
+    ``dV = P^T dO``, ``dP = dO V^T``, ``dS = P (dP - rowsum(dO O))``, ``dQ = scale dS K``,
+    ``dK = scale dS^T Q``, with u the unit roundoff, delta the logit error of
+    ``rounding_bound``, c = 1 / (1 - dropout_p), g = max|dO|, and R the number of query
+    rows that reach one key row (L, times the query heads of a group, times the batch
+    entries a broadcast key serves):
+
+    * the weights carry a relative error rho = 2 delta + (S + 3) u (logit error through
+      exp; exp, row sum and division);
+    * ``|dS_ij| <= P_ij M`` with ``M = 2 Ev g c max|V|`` (``|dP_ij|`` and
+      ``|rowsum(dO O)_i|`` are both at most ``Ev g c max|V|``), and dS_ij is off by at most P_ij M sigma, sigma =
+      2 delta + (2S + Ev + 6) u (the weights, the forward output inside the row sum,
+      the dot products of length Ev, the product and difference, a softcap's slope);
+    * a row of P sums to 1, a column to at most R, so ``|dQ err| <= |scale| M max|K|
+      (sigma + (S + 1) u)``, ``|dK err| <= R |scale| M max|Q| (sigma + (R + 1) u)`` and
+      ``|dV err| <= R c g (rho + (R + 1) u)``; d bias sums dS over the n entries that
+      share one bias entry: ``n M (sigma + n u)``. A query broadcast over batch dims
+      multiplies its bound by the n_q rows summed into one.
+
+    Parameters
+    ----------
+    q, k, v : numpy.ndarray
+        (..., H, L, E), (..., K, S, E), (..., Kv, S, Ev), as for ``rounding_bound``.
+    grad_out : numpy.ndarray
+        (..., H, L, Ev), the gradient of the loss with respect to the output.
+    scale : float
+        The softmax scale actually used.
+    bias : numpy.ndarray, optional
+        Additive bias (or any array whose largest finite magnitude bounds the terms
+        added to the scaled scores); enters the logit error.
+    bias_shape : tuple of int, optional
+        Shape of the bias whose gradient is compared; gives the ``"dbias"`` entry.
+    dropout_p : float
+        Dropout probability.
+    dtype : numpy dtype
+        Precision of the computation.
+
+    Returns
+    -------
+    dict
+        ``{"dq": ..., "dk": ..., "dv": ...}`` and ``"dbias"`` when ``bias_shape`` is given:
+        bounds for comparing two implementations in ``dtype``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v, do = (rng.standard_normal((2, 4, 8)) for _ in range(4))
+    >>> b = gradient_rounding_bound(q, k, v, do, scale=8 ** -0.5)
+    >>> sorted(b), all(0 < x < 1e-10 for x in b.values())
+    (['dk', 'dq', 'dv'], True)
+    """
+    u = float(np.finfo(dtype).eps) / 2
+    L, S, Ev = q.shape[-2], k.shape[-2], v.shape[-1]
+    names = ["dq", "dk", "dv"] + (["dbias"] if bias_shape is not None else [])
+    if L == 0 or S == 0:
+        return dict.fromkeys(names, 0.0)
+    scores = np.broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3]) + (
+        q.shape[-3] if q.ndim >= 3 else 1, L, S)
+    pairs = float(np.prod(scores))
+    # Rows reaching one key (value) row, and query rows summed into one q row.
+    R_k = pairs / float(np.prod(k.shape[:-1]))
+    R_v = pairs / float(np.prod(v.shape[:-1]))
+    n_q = pairs / S / float(np.prod(q.shape[:-1]))
+    c = 1.0 / (1.0 - dropout_p) if dropout_p < 1 else 0.0
+    g = _finite_max(grad_out)
+    delta = _logit_error(q, k, scale=scale, bias=bias, u=u)
+    rho = 2 * delta + (S + 3) * u
+    sigma = 2 * delta + (2 * S + Ev + 6) * u
+    M = 2 * Ev * g * c * _finite_max(v)
+    one = {
+        "dq": n_q * abs(scale) * M * _finite_max(k) * (sigma + (n_q * S + 1) * u),
+        "dk": R_k * abs(scale) * M * _finite_max(q) * (sigma + (R_k + 1) * u),
+        "dv": R_v * c * g * (rho + (R_v + 1) * u),
+    }
+    if bias_shape is not None:
+        n_b = pairs / max(float(np.prod(bias_shape)), 1.0)
+        one["dbias"] = n_b * M * (sigma + n_b * u)
+    return {name: 2.0 * one[name] for name in names}

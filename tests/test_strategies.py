@@ -129,3 +129,102 @@ S = ras.Shape((), 1, 1, 1, 2, 2, 1, 1)
 def test_bad_arguments_of_the_array_strategies(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+# --- windows, varlen offsets and the flash / jax conventions ------------------------------
+
+
+@given(w=ras.windows(max_size=5))
+def test_windows_are_pairs_of_sizes_or_unlimited(w):
+    assert w != (None, None)
+    assert all(side is None or (isinstance(side, int) and 0 <= side <= 5) for side in w)
+
+
+@given(w=ras.windows(max_size=3, unlimited=False))
+def test_windows_without_unlimited_sides(w):
+    assert all(isinstance(side, int) for side in w)
+
+
+@given(cu=ras.cu_seqlens(min_batch=2, max_batch=3, min_len=1, max_len=4))
+def test_cu_seqlens_are_running_totals(cu):
+    lengths = np.diff(cu)
+    assert cu.dtype == np.int32 and cu[0] == 0 and 2 <= lengths.size <= 3
+    assert ((lengths >= 1) & (lengths <= 4)).all()
+
+
+@given(case=ras.varlen_cases(max_batch=3, max_len=6))
+def test_varlen_cases_equal_attention_per_sequence(case):
+    out = refattn.attention_varlen(case.q, case.k, case.v, case.cu_seqlens_q,
+                                   case.cu_seqlens_k, **case.kwargs)
+    assert out.shape == (sum(case.lengths_q), case.q.shape[1], case.v.shape[2])
+    # Sequence by sequence, the packed batch is plain attention (its own definition):
+    # the same arithmetic on the same values, so equal up to float64 rounding of sums
+    # taken in another order (a few ulp of max|V| per key: 16 * eps * S * max|V|).
+    cq, ck = np.asarray(case.cu_seqlens_q), np.asarray(case.cu_seqlens_k)
+    for b in range(len(case.lengths_q)):
+        qs, ks = slice(cq[b], cq[b + 1]), slice(ck[b], ck[b + 1])
+        if cq[b + 1] == cq[b]:
+            continue
+        want = refattn.attention(case.q[qs], case.k[ks], case.v[ks], layout="BLHD",
+                                 **case.kwargs)
+        S = max(int(ck[b + 1] - ck[b]), 1)
+        tol = 16 * np.finfo(np.float64).eps * S * max(float(np.abs(case.v).max(initial=0)), 1)
+        np.testing.assert_allclose(out[qs], want, rtol=0, atol=tol)
+
+
+@given(case=ras.attention_cases(convention="flash"))
+def test_flash_cases_are_accepted_by_the_flash_front_end(case):
+    from refattn.compat.flash_attn import flash_attn_func
+
+    out = flash_attn_func(case.q, case.k, case.v, **case.kwargs)
+    s = case.shape
+    assert out.shape == (s.batch[0], s.L, s.H, s.Ev)
+    assert case.q.shape == (s.batch[0], s.L, s.H, s.E)
+
+
+@given(case=ras.attention_cases(convention="jax"))
+def test_jax_cases_are_accepted_by_the_jax_front_end(case):
+    from refattn.compat.jax import dot_product_attention
+
+    out = dot_product_attention(case.q, case.k, case.v, **case.kwargs)
+    s = case.shape
+    assert out.shape == (s.batch[0], s.L, s.H, s.E)
+    assert "dropout_p" not in case.kwargs
+
+
+def test_flash_cases_on_torch_are_tensors_in_blhd():
+    torch = pytest.importorskip("torch")
+    case = find(ras.attention_cases(convention="flash", library="torch", dtype="float16"),
+                lambda c: c.shape.L != c.shape.H and "alibi_slopes" in c.kwargs,
+                settings=settings(max_examples=500, database=None))
+    assert isinstance(case.q, torch.Tensor) and case.q.dtype == torch.float16
+    assert case.q.shape[1] == case.shape.L and case.q.is_contiguous()
+    assert case.kwargs["alibi_slopes"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("call,error,message", [
+    (lambda: ras.windows(max_size=-1), ValueError, "window sizes must satisfy"),
+    (lambda: ras.cu_seqlens(min_batch=0), ValueError, "batch must satisfy"),
+    (lambda: ras.cu_seqlens(library="tensorflow"), ValueError, "library must be one of"),
+    (lambda: ras.varlen_cases(max_len=-1), ValueError, "lengths must satisfy"),
+    (lambda: ras.varlen_cases(logit_magnitudes=()), ValueError, "must not be empty"),
+])
+def test_bad_arguments_of_the_new_strategies(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+@pytest.mark.parametrize("convention", ["refattn", "torch", "flash", "jax"])
+@given(data=st.data())
+def test_options_translate_each_convention_into_attention(convention, data):
+    # The convention's own front-end and refattn.attention with the case's options run
+    # the same float64 arithmetic: equal results, NaN included.
+    from refattn.compat.flash_attn import flash_attn_func
+    from refattn.compat.jax import dot_product_attention
+
+    case = data.draw(ras.attention_cases(convention=convention))
+    front = {"refattn": refattn.attention, "torch": refattn.scaled_dot_product_attention,
+             "flash": flash_attn_func, "jax": dot_product_attention}[convention]
+    want = front(case.q, case.k, case.v, **case.kwargs)
+    got = refattn.attention(case.q, case.k, case.v, **case.options())
+    np.testing.assert_array_equal(got, want)

@@ -1,0 +1,69 @@
+"""Testing your kernel: the complete example file of docs/testing.rst.
+
+Copy it next to your own attention implementation, replace ``my_attention`` with an
+import of yours, and run pytest. It runs here, unchanged, as part of refattn's suite.
+"""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from refattn.testing import assert_attention_close
+from refattn.testing import strategies as ras
+
+
+def my_attention(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False):
+    """The kernel under test, in torch SDPA's conventions.
+
+    Here: logits and softmax in float32 whatever the input dtype, output rounded back to
+    it, as fused kernels do. Replace this function with yours.
+    """
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dtype = q.dtype
+    q, k, v = q.to(work), k.to(work), v.to(work)
+    if enable_gqa:
+        k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
+        v = v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = (q @ k.transpose(-1, -2)) * scale
+    if is_causal:
+        L, S = s.shape[-2:]
+        s = s.masked_fill(~torch.ones(L, S, dtype=torch.bool).tril(), float("-inf"))
+    if attn_mask is not None:
+        s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool \
+            else s + attn_mask.to(work)
+    # A fully masked row has max -inf: shift it by 0 so that its weights are 0 (torch's
+    # convention) instead of NaN.
+    m = s.amax(dim=-1, keepdim=True).nan_to_num(neginf=0.0)
+    p = torch.exp(s - m)
+    p = p / p.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(work).tiny)
+    return (p @ v).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32", "float16", "bfloat16"])
+@given(data=st.data())
+def test_forward_matches_the_oracle(dtype, data):
+    # min_len=1: this kernel has no answer for empty sequences (L or S = 0); drop it to
+    # test those too.
+    case = data.draw(ras.attention_cases(convention="torch", library="torch", dtype=dtype,
+                                         dropout=False, shape=ras.shapes(min_len=1)))
+    out = my_attention(case.q, case.k, case.v, **case.kwargs)
+    # The case's options say what was computed (mask, causal, scale, ...) in the terms of
+    # refattn.attention; the budget follows from the dtype of `out`.
+    assert_attention_close(out, case.q, case.k, case.v, **case.options())
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32", "bfloat16"])
+@given(data=st.data())
+def test_gradients_match_the_oracle(dtype, data):
+    case = data.draw(ras.attention_cases(convention="torch", library="torch", dtype=dtype,
+                                         dropout=False, shape=ras.shapes(min_len=1,
+                                                                         max_len=8)))
+    q, k, v = (x.clone().requires_grad_() for x in (case.q, case.k, case.v))
+    out = my_attention(q, k, v, **case.kwargs)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(0)).to(out.dtype)
+    out.backward(grad_out)
+    assert_attention_close(out.detach(), case.q, case.k, case.v,
+                           grads=(q.grad, k.grad, v.grad), grad_out=grad_out,
+                           **case.options())
