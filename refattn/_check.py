@@ -178,7 +178,7 @@ def make_case(group: str, seed: int, index: int, convention: str = "torch") -> C
     rng = np.random.default_rng([seed, GROUPS.index(group), index])
     flash = convention == "flash"
     dims = _shapes(rng, gqa=group == "GQA", empty=group == "empty sequences",
-                   same_kv_heads=convention in ("flash", "jax"),
+                   same_kv_heads=convention in ("flash", "jax", "flex"),
                    equal_dims=convention == "jax")
     B, H, K, Kv, L, S, E, Ev = dims
     logit = float(10 ** rng.uniform(1.7, 2.7)) if group == "huge logits" else 1.0
@@ -383,6 +383,52 @@ def _jax_source(case: Case) -> str:
     return ", ".join(["q", "k", "v", *parts])
 
 
+def _full(case: Case, x: np.ndarray) -> np.ndarray:
+    # Mods index their arrays with (b, h, q_idx, kv_idx) grids: give them all four axes.
+    B, H, L = case.q.shape[:3]
+    return np.ascontiguousarray(np.broadcast_to(x, (B, H, L, case.k.shape[-2])))
+
+
+def _flex_call(case: Case, a: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    # FlexAttention expresses masks as a mask_mod (here handed as a bare callable, which
+    # torch's flex_attention does not take but refattn.compat.flex does; torch users
+    # wrap it with create_block_mask) and additive biases as a score_mod.
+    kwargs: dict[str, Any] = {}
+    mask, bias = a.get("mask"), a.get("bias")
+    if mask is not None:
+        kwargs["block_mask"] = lambda b, h, q_idx, kv_idx: mask[b, h, q_idx, kv_idx]
+    elif case.causal:
+        kwargs["block_mask"] = lambda b, h, q_idx, kv_idx: kv_idx <= q_idx
+    if bias is not None:
+        kwargs["score_mod"] = lambda s, b, h, q_idx, kv_idx: s + bias[b, h, q_idx, kv_idx]
+    if case.scale is not None:
+        kwargs["scale"] = case.scale
+    if case.gqa:
+        kwargs["enable_gqa"] = True
+    return (a["q"], a["k"], a["v"]), kwargs
+
+
+def _flex_options(case: Case, r: dict[str, np.ndarray]) -> dict[str, Any]:
+    # flex_attention: top-left index arithmetic, fully masked rows give 0 (LSE -inf).
+    return {"mask": r.get("mask"), "bias": r.get("bias"), "causal": case.causal,
+            "alignment": "top_left", "scale": case.scale, "masked_rows": "zero"}
+
+
+def _flex_source(case: Case) -> str:
+    parts = []
+    if case.mask is not None:
+        parts.append("block_mask=lambda b, h, q, kv: mask[b, h, q, kv]")
+    elif case.causal:
+        parts.append("block_mask=lambda b, h, q, kv: kv <= q")
+    if case.bias is not None:
+        parts.append("score_mod=lambda s, b, h, q, kv: s + bias[b, h, q, kv]")
+    if case.scale is not None:
+        parts.append(f"scale={case.scale!r}")
+    if case.gqa:
+        parts.append("enable_gqa=True")
+    return ", ".join(["q", "k", "v", *parts])
+
+
 CONVENTIONS = {
     "torch": Convention(
         "torch", ("plain", "bool mask", "float mask", "fully masked rows", "causal",
@@ -397,6 +443,10 @@ CONVENTIONS = {
         "jax", ("plain", "bool mask", "float mask", "fully masked rows", "causal", "window",
                 "GQA", "scale", "huge logits"),
         "BLHD", _jax_call, _jax_options, _jax_source),
+    "flex": Convention(
+        "flex", ("plain", "bool mask", "float mask", "fully masked rows", "causal", "GQA",
+                 "scale", "huge logits"),
+        "BHLD", _flex_call, _flex_options, _flex_source),
 }
 
 
@@ -783,9 +833,10 @@ def _inputs(case: Case, conv: Convention, dtype_name: str) -> dict[str, np.ndarr
     arrays = conv.arrays(case)
     inputs = {n: _round(x, dtype_name) for n, x in arrays.items()}
     if case.mask is not None:
-        inputs["mask"] = case.mask
+        inputs["mask"] = _full(case, case.mask) if conv.name == "flex" else case.mask
     if case.bias is not None:
-        inputs["bias"] = _round(case.bias, dtype_name)
+        bias = _round(case.bias, dtype_name)
+        inputs["bias"] = _full(case, bias) if conv.name == "flex" else bias
     if case.alibi_slopes is not None:
         inputs["alibi_slopes"] = _round(case.alibi_slopes, "float32")
     return inputs

@@ -232,9 +232,6 @@ def _check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         return _fail(parser, f"--dtype must list some of {', '.join(_DTYPES)}; got {args.dtype!r}")
     if args.examples < 1:
         return _fail(parser, f"--examples must be at least 1; got {args.examples}")
-    if args.convention == "flex":
-        return _fail(parser, "--convention flex needs refattn.compat.flex, which this refattn "
-                     "does not have yet; use torch, flash or jax")
     torch_target = args.target == "torch"
     if torch_target and (args.convention != "torch" or args.library not in (None, "torch")):
         return _fail(parser, "TARGET torch is torch's SDPA: it takes no --convention or "

@@ -157,3 +157,13 @@ def flash_drawing_dropout(q: Any, k: Any, v: Any, dropout_p: float = 0.0, *args:
     rng = np.random.default_rng(123) if dropout_p else None
     return flash_attn_func(q, k, v, dropout_p, *args, return_attn_probs=return_attn_probs,
                            rng=rng, **kwargs)
+
+
+def flex_ignores_block_mask(query: Any, key: Any, value: Any, score_mod: Any = None,
+                            block_mask: Any = None, scale: Any = None,
+                            enable_gqa: bool = False) -> Any:
+    """A FlexAttention-convention kernel that forgets its mask."""
+    from refattn.compat.flex import flex_attention
+
+    return flex_attention(query, key, value, score_mod=score_mod, block_mask=None, scale=scale,
+                          enable_gqa=enable_gqa)

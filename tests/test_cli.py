@@ -212,7 +212,8 @@ def test_shrink_cuts_dimensions_while_the_failure_holds():
     (["check", "--examples", "0"], "--examples must be at least 1"),
     (["check", "--group", "nope"], "unknown --group 'nope'"),
     (["check", "--group", "softcap"], "unknown --group 'softcap' for the torch convention"),
-    (["check", "--convention", "flex", "x:y"], "--convention flex needs refattn.compat.flex"),
+    (["check", "--convention", "flex", "--group", "window", f"{KERNELS}:correct"],
+     "unknown --group 'window' for the flex convention"),
     (["check", "--convention", "flash"], "TARGET torch is torch's SDPA"),
     (["check", f"{KERNELS}:correct", "--grad"], "--grad differentiates through autograd"),
     (["check", "nocolon"], "TARGET must be 'torch' or 'package.module:function'"),
@@ -224,3 +225,17 @@ def test_bad_arguments_exit_with_status_two(argv, message, capsys):
     status, _, err = _run(argv, capsys)
     assert status == 2
     assert message in err
+
+
+def test_flex_convention_audits_a_flex_attention_function(capsys):
+    # refattn's own flex front-end is a correct flex-convention kernel.
+    ok = _cli.main(["check", "refattn.compat.flex:flex_attention", "--convention", "flex",
+                    "--library", "torch", "--examples", "3", "--dtype", "float64,float32"])
+    assert ok == 0, capsys.readouterr().out
+    capsys.readouterr()
+    broken = _cli.main(["check", f"{KERNELS}:flex_ignores_block_mask", "--convention", "flex",
+                        "--library", "numpy", "--examples", "3", "--dtype", "float64",
+                        "--group", "bool mask", "--group", "causal"])
+    out = capsys.readouterr().out
+    assert broken == 1
+    assert "FAIL (semantic)" in out
