@@ -350,14 +350,24 @@ def _use_cuda(prep: _Prepared, implementation: str | None, options: dict[str, An
     return reason is None
 
 
+def _cuda_options(prep: _Prepared) -> dict[str, Any]:
+    # What the kernels take: the mask (with mask_mod ANDed in) and the window apart, so
+    # that the window skips tiles and the mask is read through its broadcast strides.
+    return {
+        "scale": prep.scale, "window": prep.window, "alignment": prep.alignment,
+        "mask": prep.mask, "bias": prep.bias, "dropout_mask": prep.keep,
+        "dropout_p": prep.dropout_p, "masked_rows": prep.masked_rows,
+        "softcap": prep.mods.softcap, "compute_dtype": prep.compute_dtype, "xp": prep.xp,
+    }
+
+
 def _cuda_forward(prep: _Prepared, implementation: str | None, need_lse: bool) -> Any:
     from . import _cuda
 
     try:
         out, lse = _cuda.flash_attention(
-            prep.q, prep.k, prep.v, batch_shape=prep.shapes.batch, scale=prep.scale,
-            causal=prep.window is not None, alignment=prep.alignment,
-            compute_dtype=prep.compute_dtype, need_lse=need_lse, xp=prep.xp,
+            prep.q, prep.k, prep.v, batch_shape=prep.shapes.batch, need_lse=need_lse,
+            **_cuda_options(prep),
         )
     except _cuda.UnsupportedLaunch as exc:
         # Known only at launch (shared memory of this device): same rule as above.
@@ -496,8 +506,9 @@ def attention(
     implementation : {None, "direct", "blocked", "cuda"}
         Which path computes. "cuda" runs the fused CUDA kernel on CuPy arrays (the
         options it lacks are named in an error; None uses it for CuPy inputs whose
-        options it has, see docs/gpu.rst). softcap and score_mod exist on "direct" only
-        (None then takes it); on "blocked" a window's left edge, ALiBi and mask_mod are
+        options it has, see docs/gpu.rst). Of the array-API paths, softcap and
+        score_mod exist on "direct" only (None then takes it, or "cuda" for softcap on
+        CuPy inputs); on "blocked" a window's left edge, ALiBi and mask_mod are
         materialised at (..., H, L, S) like a mask or bias. "direct" materialises the
         (..., H, L, S) scores;
         "blocked" runs an online softmax over cache-sized blocks with extra memory
@@ -585,9 +596,10 @@ def attention(
 
 # --- backward -------------------------------------------------------------------------
 
-# The backward pass exists for the array-API paths and standard arithmetic only; other
-# paths may be accepted by the forward before they are accepted here.
-_BACKWARD_IMPLEMENTATIONS = (None, "direct", "blocked")
+# The backward pass exists for the array-API paths and the fused kernels (for the
+# options unsupported_option accepts); other paths may be accepted by the forward before
+# they are accepted here.
+_BACKWARD_IMPLEMENTATIONS = (None, "direct", "blocked", "cuda")
 _BACKWARD_PRECISIONS = ("standard", "compensated")
 
 
@@ -651,6 +663,34 @@ def _finish_grad(g: Any, x_user: Any, prep: _Prepared) -> Any:
     return _finish(g, prep, swap=True)
 
 
+def _cuda_backward(grad_out: Any, output: Any, lse: Any, prep: _Prepared,
+                   implementation: str | None) -> Any:
+    # The fused backward kernels, from the saved output and LSE when given (else from
+    # the fused forward's); None when the launch turns out unsupported (shared memory).
+    from . import _cuda
+
+    xp, batch, options = prep.xp, prep.shapes.batch, _cuda_options(prep)
+    try:
+        out = None if output is None else _to_compute_layout(output, prep)
+        if out is None or lse is None:
+            fwd_out, fwd_lse = _cuda.flash_attention(prep.q, prep.k, prep.v, batch_shape=batch,
+                                                     need_lse=True, **options)
+            out = fwd_out if out is None else out
+            lse = fwd_lse if lse is None else lse
+        dq, dk, dv, dbias = _cuda.flash_attention_backward(
+            _to_compute_layout(grad_out, prep), prep.q, prep.k, prep.v, out, lse,
+            batch_shape=batch, need_dbias=prep.bias is not None, **options,
+        )
+    except _cuda.UnsupportedLaunch as exc:
+        if implementation == "cuda":
+            raise ValueError(f"implementation='cuda' does not support {exc}") from None
+        return None
+    # Per batch entry from the kernels: sum over the batch dims an input was broadcast on.
+    return AttentionGrads(dq=sum_to_shape(dq, prep.q.shape, xp=xp),
+                          dk=sum_to_shape(dk, prep.k.shape, xp=xp),
+                          dv=sum_to_shape(dv, prep.v.shape, xp=xp), dbias=dbias)
+
+
 def attention_backward(
     grad_out: Any,
     q: Any,
@@ -710,11 +750,13 @@ def attention_backward(
         As for ``attention``. precision="compensated" recomputes the forward and every
         product of the backward in double-float and rounds each gradient once; it takes
         no ``output`` or ``lse`` (their rounding is what it avoids).
-    implementation : {None, "direct", "blocked"}
+    implementation : {None, "direct", "blocked", "cuda"}
         As for ``attention``: "direct" materialises the scores; "blocked" recomputes
         the weights block by block from the LSE (FlashAttention-2's backward) with
-        O(block) extra memory per worker thread; None chooses by the size of the score
-        array, as the forward does.
+        O(block) extra memory per worker thread; "cuda" runs the fused backward kernels
+        on CuPy arrays (the same algorithm, deterministic: no atomics; see
+        docs/gpu.rst); None takes "cuda" for CuPy inputs whose options the kernels
+        have, else chooses by the size of the score array, as the forward does.
     output : array, optional
         The forward output to use in rowsum(dO * O) instead of recomputing it, as a
         fused backward kernel uses its saved output. Shape of ``grad_out``.
@@ -789,7 +831,16 @@ def attention_backward(
         lse_c = xp.astype(lse, prep.compute_dtype)
         if prep.shapes.ndim == 2:
             lse_c = xp.reshape(lse_c, (1, *lse_c.shape))
-    if precision == "compensated":
+    options = {
+        "mask": mask, "bias": bias, "causal": causal, "window": window, "alignment": alignment,
+        "scale": scale, "softcap": softcap, "alibi_slopes": alibi_slopes,
+        "score_mod": score_mod, "mask_mod": mask_mod, "dropout_p": dropout_p,
+        "dropout_mask": dropout_mask, "rng": rng, "masked_rows": masked_rows,
+        "compute_dtype": compute_dtype, "precision": precision,
+    }
+    grads = _cuda_backward(grad_out, output, lse_c, prep, implementation) \
+        if _use_cuda(prep, implementation, options) else None
+    if grads is None and precision == "compensated":
         if output is not None or lse is not None:
             raise ValueError(
                 "precision='compensated' recomputes the forward in double-float; do not "
@@ -800,7 +851,7 @@ def attention_backward(
             bias=prep.bias, allowed=prep.allowed, keep=prep.keep, dropout_p=prep.dropout_p,
             masked_rows=prep.masked_rows, xp=xp,
         )
-    elif _use_blocked(prep, implementation):
+    elif grads is None and _use_blocked(prep, implementation):
         with _threads.worker_threads(xp) as num_threads:
             grads = blocked_attention_backward(
                 _to_compute_layout(grad_out, prep), prep.q, prep.k, prep.v, scale=prep.scale,
@@ -809,7 +860,7 @@ def attention_backward(
                 out=None if output is None else _to_compute_layout(output, prep), lse=lse_c,
                 **prep.blocked_structure, num_threads=num_threads, xp=xp,
             )
-    else:
+    elif grads is None:
         grads = direct_backward(
             _to_compute_layout(grad_out, prep), prep.q, prep.k, prep.v, scale=prep.scale,
             bias=prep.bias, allowed=prep.allowed, keep=prep.keep, dropout_p=prep.dropout_p,

@@ -736,7 +736,8 @@ def test_implementation_direct_equals_the_default(backend):
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"implementation": "cuda"}, ValueError, "implementation must be one of"),
+        ({"implementation": "cuda"}, ValueError,
+         "implementation='cuda' runs on CuPy arrays; got numpy arrays"),
         ({"precision": "exact"}, ValueError, "precision must be one of"),
         ({"masked_rows": "ignore"}, ValueError, "masked_rows must be one of"),
         ({"layout": "BSHD"}, ValueError, "layout must be one of"),

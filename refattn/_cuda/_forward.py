@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from . import _launch, _modules
+from . import _launch, _modules, _operands
 
-__all__ = ["flash_attention", "flash_forward"]
+__all__ = ["check_qkv", "flash_attention", "flash_forward", "kernel_layout", "on_device"]
 
 _SCALAR = {"float32": np.float32, "float64": np.float64}
 
@@ -23,74 +23,14 @@ def _dtype_name(x: Any) -> str:
     return np.dtype(x.dtype).name
 
 
-def flash_forward(
-    q: Any,
-    k: Any,
-    v: Any,
-    *,
-    scale: float,
-    causal: bool,
-    alignment: str,
-    compute_dtype: str,
-    need_lse: bool,
-    xp: Any = None,
-) -> tuple[Any, Any]:
-    """Attention forward with the fused kernel: ``(out, lse)``, lse None unless asked.
-
-    Parameters
-    ----------
-    q, k, v : arrays of shape (B, H, L, E), (B, K, S, E), (B, Kv, S, Ev)
-        C-contiguous CuPy arrays (NumPy arrays under the CPU shim), already broadcast to
-        one batch dim and cast to `compute_dtype`. K and Kv must divide H: query head h
-        reads key head ``h // (H // K)`` and value head ``h // (H // Kv)``.
-    scale : float
-        Multiplies q.k before the softmax.
-    causal : bool
-        Mask keys after each query's diagonal.
-    alignment : {"top_left", "bottom_right"}
-        Query i sees keys j <= i (top left) or j <= i + S - L (bottom right).
-    compute_dtype : {"float32", "float64"}
-        The dtype of the inputs and of every operation in the kernel.
-    need_lse : bool
-        Return the natural-log LSE of each row, (B, H, L); -inf for a fully masked row.
-    xp : namespace, optional
-        The inputs' array namespace (the dispatcher passes the one it inferred).
-
-    Returns
-    -------
-    out : array (B, H, L, Ev)
-        Fully masked rows (S = 0, or bottom-right causal with L > S) are 0.
-    lse : array (B, H, L) or None
-
-    Raises
-    ------
-    ValueError
-        Inputs that break the contract above.
-    refattn._cuda._launch.UnsupportedLaunch
-        A problem the kernel cannot run (head dim over 256, shared memory over the
-        device's limit); the dispatcher falls back to the array-API path.
-
-    Examples
-    --------
-    On a GPU (CuPy arrays):
-
-    >>> import cupy  # doctest: +SKIP
-    >>> q = cupy.random.standard_normal((1, 2, 8, 16))  # doctest: +SKIP
-    >>> out, lse = flash_forward(q, q, q, scale=0.25, causal=True,  # doctest: +SKIP
-    ...                          alignment="top_left", compute_dtype="float64",
-    ...                          need_lse=True)
-    """
-    if xp is None:
-        import array_api_compat
-
-        xp = array_api_compat.array_namespace(q, k, v)
-    if alignment not in ("top_left", "bottom_right"):
-        raise ValueError(f"alignment must be 'top_left' or 'bottom_right', got {alignment!r}")
+def check_qkv(q: Any, k: Any, v: Any, compute_dtype: str,
+              extra: tuple[tuple[str, Any], ...] = ()) -> tuple[int, ...]:
+    """Check the (B, heads, length, dim) arrays a kernel takes; (B, H, K, Kv, L, S, E, Ev)."""
     if compute_dtype not in _SCALAR:
         raise _launch.UnsupportedLaunch(
             f"compute_dtype must be 'float32' or 'float64', got {compute_dtype!r}"
         )
-    for name, x in (("q", q), ("k", k), ("v", v)):
+    for name, x in (("q", q), ("k", k), ("v", v), *extra):
         if x.ndim != 4:
             raise ValueError(f"{name} must be 4-D (B, heads, length, dim), got shape {x.shape}")
         if _dtype_name(x) != compute_dtype:
@@ -109,18 +49,118 @@ def flash_forward(
         raise ValueError(f"k and v lengths differ: {S} and {Sv}")
     if H > 0 and (K == 0 or Kv == 0 or H % K or H % Kv):
         raise ValueError(f"key heads ({K}) and value heads ({Kv}) must divide query heads ({H})")
-
-    # CuPy launches on the current device: make it the arrays' (a cupy.cuda.Device is a
-    # context manager; NumPy's "cpu" device under the shim is not).
-    device: Any = getattr(q, "device", None)
-    if not hasattr(device, "__enter__"):
-        device = contextlib.nullcontext()
-    with device:
-        return _launch_forward(q, k, v, scale=scale, causal=causal, alignment=alignment,
-                               compute_dtype=compute_dtype, need_lse=need_lse, xp=xp)
+    return B, H, K, Kv, L, S, E, Ev
 
 
-def _launch_forward(q: Any, k: Any, v: Any, *, scale: float, causal: bool, alignment: str,
+def on_device(x: Any) -> Any:
+    """The context that makes `x`'s device current (CuPy launches on the current one).
+
+    A cupy.cuda.Device is a context manager; NumPy's "cpu" device under the shim is not.
+    """
+    device: Any = getattr(x, "device", None)
+    return device if hasattr(device, "__enter__") else contextlib.nullcontext()
+
+
+def flash_forward(
+    q: Any,
+    k: Any,
+    v: Any,
+    *,
+    scale: float,
+    causal: bool = False,
+    alignment: str = "top_left",
+    compute_dtype: str,
+    need_lse: bool,
+    window: tuple[int | None, int | None] | None = None,
+    mask: Any = None,
+    bias: Any = None,
+    dropout_mask: Any = None,
+    dropout_p: float = 0.0,
+    masked_rows: str = "zero",
+    softcap: float | None = None,
+    xp: Any = None,
+) -> tuple[Any, Any]:
+    """Attention forward with the fused kernel: ``(out, lse)``, lse None unless asked.
+
+    Parameters
+    ----------
+    q, k, v : arrays of shape (B, H, L, E), (B, K, S, E), (B, Kv, S, Ev)
+        C-contiguous CuPy arrays (NumPy arrays under the CPU shim), already broadcast to
+        one batch dim and cast to `compute_dtype`. K and Kv must divide H: query head h
+        reads key head ``h // (H // K)`` and value head ``h // (H // Kv)``.
+    scale : float
+        Multiplies q.k before the softmax.
+    causal : bool
+        Mask keys after each query's diagonal (the window (None, 0)).
+    alignment : {"top_left", "bottom_right"}
+        Query i sits at key position i + shift, shift = 0 (top left) or S - L (bottom
+        right), for causal and the window alike.
+    compute_dtype : {"float32", "float64"}
+        The dtype of the inputs and of every operation in the kernel.
+    need_lse : bool
+        Return the natural-log LSE of each row, (B, H, L); -inf for a fully masked row.
+    window : (left, right), optional
+        Query i sees keys j with ``i + shift - left <= j <= i + shift + right``; None or
+        -1 leaves a side unlimited. Intersected with `causal`. Key tiles outside every
+        row's window are skipped.
+    mask : bool array, optional
+        True = take part; broadcastable to (B, H, L, S), at most 4-D. Read through the
+        strides of its broadcast view: it is never expanded.
+    bias : array, optional
+        Added to the (softcapped) scores; `compute_dtype`, broadcastable like `mask`.
+    dropout_mask : bool array, optional
+        The keep-mask (True = keep), broadcastable like `mask`; needs `dropout_p` > 0.
+        Kept weights are scaled by 1 / (1 - dropout_p); dropout_p = 1 gives zeros.
+    dropout_p : float
+        The probability `dropout_mask` was drawn with.
+    masked_rows : {"zero", "nan", "uniform"}
+        Output of a row whose every score is -inf: 0, NaN, or the (dropped-out) mean of
+        all values. Its LSE is -inf under every policy.
+    softcap : float, optional
+        ``c * tanh(s / c)`` on the scaled scores, before the bias.
+    xp : namespace, optional
+        The inputs' array namespace (the dispatcher passes the one it inferred).
+
+    Returns
+    -------
+    out : array (B, H, L, Ev)
+    lse : array (B, H, L) or None
+
+    Raises
+    ------
+    ValueError
+        Inputs that break the contract above.
+    refattn._cuda._launch.UnsupportedLaunch
+        A problem the kernel cannot run (head dim over 256, shared memory over the
+        device's limit); the dispatcher falls back to the array-API path.
+
+    Examples
+    --------
+    On a GPU (CuPy arrays):
+
+    >>> import cupy  # doctest: +SKIP
+    >>> q = cupy.random.standard_normal((1, 2, 8, 16))  # doctest: +SKIP
+    >>> pad = cupy.arange(8) < 6  # the last two keys are padding  # doctest: +SKIP
+    >>> out, lse = flash_forward(q, q, q, scale=0.25, causal=True,  # doctest: +SKIP
+    ...                          alignment="top_left", compute_dtype="float64",
+    ...                          need_lse=True, mask=pad)
+    """
+    if xp is None:
+        import array_api_compat
+
+        xp = array_api_compat.array_namespace(q, k, v)
+    B, H, K, Kv, L, S, E, Ev = check_qkv(q, k, v, compute_dtype)
+    opts = _operands.kernel_options(
+        shape=(B, H, L, S), dtype=compute_dtype, scale=scale, causal=causal, window=window,
+        alignment=alignment, mask=mask, bias=bias, dropout_mask=dropout_mask,
+        dropout_p=dropout_p, masked_rows=masked_rows, softcap=softcap, xp=xp,
+    )
+    with on_device(q):
+        return _launch_forward(q, k, v, opts, compute_dtype=compute_dtype,
+                               need_lse=need_lse, xp=xp)
+
+
+def _launch_forward(q: Any, k: Any, v: Any, opts: _operands.KernelOptions, *,
                     compute_dtype: str, need_lse: bool, xp: Any) -> tuple[Any, Any]:
     B, H, L, E = q.shape
     K, S = k.shape[1], k.shape[2]
@@ -140,23 +180,25 @@ def _launch_forward(q: Any, k: Any, v: Any, *, scale: float, causal: bool, align
         # is cheap next to the launch.
         kernel.max_dynamic_shared_size_bytes = plan.shared_mem
     i32 = np.int32
-    offset = 0 if alignment == "top_left" else S - L
     kernel(
         plan.grid,
         plan.block,
         (
-            q, k, v, out, lse,
+            q, k, v, out, lse, *opts.operands,
             i32(H), i32(H // K), i32(H // Kv), i32(L), i32(S), i32(E), i32(Ev),
-            i32(plan.m_tiles), _SCALAR[compute_dtype](scale), i32(bool(causal)), i32(offset),
+            i32(plan.m_tiles), *opts.tail(compute_dtype),
         ),
         shared_mem=plan.shared_mem,
     )
     return out, (lse if need_lse else None)
 
 
-def _kernel_layout(x: Any, batch: tuple[int, ...], xp: Any) -> Any:
-    # (..., heads, length, dim) -> (B, heads, length, dim), C-contiguous. NumPy and CuPy
-    # arrays both copy with .copy(order="C"); the array API has no contiguity control.
+def kernel_layout(x: Any, batch: tuple[int, ...], xp: Any) -> Any:
+    """(..., heads, length, dim) -> (B, heads, length, dim), C-contiguous.
+
+    NumPy and CuPy arrays both copy with .copy(order="C"); the array API has no
+    contiguity control.
+    """
     x = xp.broadcast_to(x, (*batch, *x.shape[-3:]))
     x = xp.reshape(x, (math.prod(batch), *x.shape[-3:]))
     return x if x.flags.c_contiguous else x.copy(order="C")
@@ -169,38 +211,51 @@ def flash_attention(
     *,
     batch_shape: tuple[int, ...],
     scale: float,
-    causal: bool,
-    alignment: str,
+    causal: bool = False,
+    alignment: str = "top_left",
     compute_dtype: Any,
     need_lse: bool,
+    window: tuple[int | None, int | None] | None = None,
+    mask: Any = None,
+    bias: Any = None,
+    dropout_mask: Any = None,
+    dropout_p: float = 0.0,
+    masked_rows: str = "zero",
+    softcap: float | None = None,
     xp: Any = None,
 ) -> tuple[Any, Any]:
     """:func:`flash_forward` for inputs with any leading (batch) dims.
 
     q (..., H, L, E), k (..., K, S, E) and v (..., Kv, S, Ev) in the compute dtype; their
-    leading dims broadcast to `batch_shape`. `compute_dtype` is "float32" / "float64" or
-    the dtype itself. Returns out (*batch_shape, H, L, Ev) and lse (*batch_shape, H, L)
-    or None.
+    leading dims broadcast to `batch_shape`, as do those of `mask`, `bias` and
+    `dropout_mask` (broadcastable to (*batch_shape, H, L, S)). `compute_dtype` is
+    "float32" / "float64" or the dtype itself. Returns out (*batch_shape, H, L, Ev) and
+    lse (*batch_shape, H, L) or None.
 
     Examples
     --------
-    On a GPU (CuPy arrays); k and v broadcast over the first batch dim:
+    On a GPU (CuPy arrays); k and v broadcast over the first batch dim, the mask over
+    batch and heads:
 
     >>> import cupy  # doctest: +SKIP
     >>> q = cupy.random.standard_normal((2, 3, 4, 8, 16))  # doctest: +SKIP
     >>> kv = cupy.random.standard_normal((1, 3, 2, 8, 16))  # doctest: +SKIP
+    >>> mask = cupy.tril(cupy.ones((8, 8), bool))  # doctest: +SKIP
     >>> out, _ = flash_attention(q, kv, kv, batch_shape=(2, 3), scale=0.25,  # doctest: +SKIP
-    ...                          causal=False, alignment="top_left",
-    ...                          compute_dtype="float64", need_lse=False)
+    ...                          mask=mask, compute_dtype="float64", need_lse=False)
     """
     if xp is None:
         import array_api_compat
 
         xp = array_api_compat.array_namespace(q, k, v)
     batch = tuple(int(n) for n in batch_shape)
-    q4, k4, v4 = (_kernel_layout(x, batch, xp) for x in (q, k, v))
+    q4, k4, v4 = (kernel_layout(x, batch, xp) for x in (q, k, v))
+    mask4, bias4, keep4 = (_operands.flatten_batch(x, batch, xp)
+                           for x in (mask, bias, dropout_mask))
     out, lse = flash_forward(q4, k4, v4, scale=scale, causal=causal, alignment=alignment,
                              compute_dtype=np.dtype(compute_dtype).name, need_lse=need_lse,
+                             window=window, mask=mask4, bias=bias4, dropout_mask=keep4,
+                             dropout_p=dropout_p, masked_rows=masked_rows, softcap=softcap,
                              xp=xp)
     out = xp.reshape(out, (*batch, *out.shape[1:]))
     if lse is not None:

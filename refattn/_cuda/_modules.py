@@ -17,6 +17,7 @@ from typing import Any
 from . import _launch
 
 __all__ = [
+    "COMMON_HEADER",
     "KERNELS",
     "NVRTC_OPTIONS",
     "get_module",
@@ -33,7 +34,14 @@ NVRTC_OPTIONS: tuple[str, ...] = ("-std=c++17",)
 #: Kernel file -> function returning its name expressions, in a fixed order.
 KERNELS: dict[str, Callable[[], tuple[str, ...]]] = {
     "flash_fwd.cu": lambda: tuple(c.name_expression for c in _launch.all_flash_configs()),
+    "flash_bwd.cu": lambda: tuple(
+        c.name_expression
+        for kernel in ("flash_bwd_dq", "flash_bwd_dkdv")
+        for c in _launch.all_flash_configs(kernel)
+    ),
 }
+#: What every kernel file is compiled with, put in front of its text.
+COMMON_HEADER = "flash_common.cu"
 
 ModuleFactory = Callable[..., Any]
 
@@ -43,17 +51,25 @@ _factory_smem: int | None = None
 _modules: dict[str, Any] = {}
 
 
+def _read(name: str) -> str:
+    return (resources.files("refattn._cuda") / "kernels" / name).read_text(encoding="utf-8")
+
+
 def kernel_source(name: str) -> str:
-    """The CUDA source of kernel file `name`, read from the package data.
+    """The CUDA source of kernel file `name`: the common header, then the file.
+
+    The header is pasted in rather than ``#include``d so that what NVRTC, CuPy's binary
+    cache (keyed by the source text) and the CPU shim see is one self-contained text.
 
     Examples
     --------
-    >>> "flash_fwd" in kernel_source("flash_fwd.cu")
+    >>> src = kernel_source("flash_fwd.cu")
+    >>> "struct FlashScore" in src and "flash_fwd(" in src
     True
     """
     if name not in KERNELS:
         raise KeyError(f"no kernel file {name!r}; known: {sorted(KERNELS)}")
-    return (resources.files("refattn._cuda") / "kernels" / name).read_text(encoding="utf-8")
+    return f"{_read(COMMON_HEADER)}\n{_read(name)}"
 
 
 def name_expressions(name: str) -> tuple[str, ...]:

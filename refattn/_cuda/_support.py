@@ -2,36 +2,36 @@
 
 The dispatcher asks before choosing ``implementation="cuda"``: with an explicit
 ``implementation="cuda"`` it raises ``implementation='cuda' does not support <option>``,
-with ``implementation=None`` it takes the array-API path instead.
+with ``implementation=None`` it takes the array-API path instead. The forward and the
+backward kernels implement the same options.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from ._launch import MAX_HEAD_DIM
 
 __all__ = ["SUPPORTED_OPTIONS", "supported_options", "unsupported_option"]
 
-#: Options the forward kernel honours at any value (GQA is inferred from the shapes).
-SUPPORTED_OPTIONS = frozenset({"scale", "causal", "alignment", "compute_dtype", "return_lse"})
+#: Options the kernels honour at any value (GQA is inferred from the shapes).
+#: ``mask_mod`` arrives as the boolean array the front door evaluates it to (ANDed into
+#: ``mask``), ``rng`` as the keep-mask it draws on the host, and ``return_dropout_mask``
+#: only returns that mask.
+SUPPORTED_OPTIONS = frozenset({
+    "scale", "causal", "alignment", "compute_dtype", "return_lse", "mask", "bias", "window",
+    "softcap", "mask_mod", "dropout_p", "dropout_mask", "rng", "masked_rows",
+    "return_dropout_mask",
+})
 
-# Options the kernel does not implement, with the value that means "not used".
+# Options the kernels do not implement, with the value that means "not used".
 _UNUSED: dict[str, Any] = {
-    "mask": None,
-    "bias": None,
-    "window": None,
-    "softcap": None,
     "alibi_slopes": None,
     "score_mod": None,
-    "mask_mod": None,
-    "dropout_p": 0.0,
-    "dropout_mask": None,
-    "rng": None,
-    "masked_rows": "zero",
     "precision": "standard",
     "return_weights": False,
-    "return_dropout_mask": False,
 }
 
 
@@ -40,10 +40,20 @@ def supported_options() -> frozenset[str]:
 
     Examples
     --------
-    >>> sorted(supported_options())
-    ['alignment', 'causal', 'compute_dtype', 'return_lse', 'scale']
+    >>> sorted(supported_options())[:5]
+    ['alignment', 'bias', 'causal', 'compute_dtype', 'dropout_mask']
     """
     return SUPPORTED_OPTIONS
+
+
+def _dtype_name(value: Any) -> str | None:
+    # None, a name, or a dtype in any of the spellings NumPy and CuPy accept.
+    if value is None:
+        return None
+    try:
+        return np.dtype(value).name
+    except TypeError:
+        return "<not a dtype>"
 
 
 def _is_unused(value: Any, unused: Any) -> bool:
@@ -70,8 +80,8 @@ def unsupported_option(
     >>> unsupported_option(causal=True, alignment="bottom_right", head_dim=64,
     ...                    value_head_dim=64) is None
     True
-    >>> unsupported_option(dropout_p=0.1)
-    'dropout_p=0.1'
+    >>> unsupported_option(alibi_slopes=[0.5])
+    'alibi_slopes'
     >>> unsupported_option(head_dim=512)
     'head dim E=512 (the kernel takes at most 256)'
     """
@@ -79,8 +89,11 @@ def unsupported_option(
         if name in SUPPORTED_OPTIONS:
             if name == "alignment" and value not in ("top_left", "bottom_right"):
                 return f"alignment={value!r}"
-            if name == "compute_dtype" and value not in (None, "float32", "float64"):
+            if name == "compute_dtype" and _dtype_name(value) not in (None, "float32",
+                                                                     "float64"):
                 return f"compute_dtype={value!r}"
+            if name == "masked_rows" and value not in ("zero", "nan", "uniform"):
+                return f"masked_rows={value!r}"
             continue
         if name not in _UNUSED:
             raise TypeError(f"unknown attention option {name!r}")

@@ -7,6 +7,10 @@ compiler warning fails too. The second half shows the gate catching each fault.
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+
 import pytest
 
 from refattn._cuda import _launch, _modules
@@ -22,35 +26,61 @@ from refattn._cuda._nvrtc_gate import (
 
 pytestmark = pytest.mark.usefixtures("nvrtc")
 
-CONFIGS = {c.name_expression: c for c in _launch.all_flash_configs()}
-THREADS = {name: c.threads for name, c in CONFIGS.items()}
-MAX_DYNAMIC = {name: _launch.max_flash_shared_mem(c) for name, c in CONFIGS.items()}
+#: Kernel file -> the kernels (template names) it defines.
+FILES = {"flash_fwd.cu": ("flash_fwd",), "flash_bwd.cu": ("flash_bwd_dq", "flash_bwd_dkdv")}
+CONFIGS = {
+    file: {c.name_expression: c for kernel in kernels for c in _launch.all_flash_configs(kernel)}
+    for file, kernels in FILES.items()
+}
+ALL_CONFIGS = {name: c for configs in CONFIGS.values() for name, c in configs.items()}
+THREADS = {name: c.threads for name, c in ALL_CONFIGS.items()}
+MAX_DYNAMIC = {name: _launch.max_flash_shared_mem(c) for name, c in ALL_CONFIGS.items()}
+JOBS = [(file, arch) for file in FILES for arch in sorted(ARCH_LIMITS)]
 
 
-@pytest.fixture(scope="module", params=sorted(ARCH_LIMITS))
-def flash_build(request: pytest.FixtureRequest) -> GateResult:
-    return compile_cubin(_modules.kernel_source("flash_fwd.cu"),
-                         _modules.name_expressions("flash_fwd.cu"), request.param,
-                         options=_modules.NVRTC_OPTIONS, filename="flash_fwd.cu")
+def _build(job: tuple[str, str]) -> GateResult:
+    file, arch = job
+    return compile_cubin(_modules.kernel_source(file), _modules.name_expressions(file), arch,
+                         options=_modules.NVRTC_OPTIONS, filename=file)
 
 
-def test_forward_kernel_passes_the_gate(flash_build: GateResult) -> None:
-    problems = check(flash_build, threads=THREADS, max_dynamic_smem=MAX_DYNAMIC)
+@pytest.fixture(scope="module")
+def builds() -> dict[tuple[str, str], GateResult]:
+    """Every (kernel file, architecture) compiled, in parallel processes: ptxas on the
+    unrolled fp64 instantiations is the longest step of tests/cuda, and the NVRTC
+    binding holds the GIL, so threads would run one at a time."""
+    workers = min(len(JOBS), os.cpu_count() or 1)
+    if workers == 1:
+        return {job: _build(job) for job in JOBS}
+    # spawn: the test process has threads (forking it could copy a held lock).
+    with ProcessPoolExecutor(max_workers=workers,
+                             mp_context=multiprocessing.get_context("spawn")) as pool:
+        return dict(zip(JOBS, pool.map(_build, JOBS), strict=True))
+
+
+@pytest.mark.parametrize("job", JOBS, ids=lambda j: f"{j[0]}-{j[1]}")
+def test_kernels_pass_the_gate(builds, job: tuple[str, str]) -> None:
+    problems = check(builds[job], threads=THREADS, max_dynamic_smem=MAX_DYNAMIC)
     assert problems == [], "\n".join(problems)
 
 
-def test_every_instantiation_is_a_distinct_entry(flash_build: GateResult) -> None:
-    assert sorted(flash_build.lowered) == sorted(CONFIGS)
-    assert len(set(flash_build.lowered.values())) == len(CONFIGS)
-    for name in CONFIGS:
-        report = flash_build.report(name)
-        # One barrier id (__syncthreads) and no shared memory but the dynamic buffer.
+@pytest.mark.parametrize("job", JOBS, ids=lambda j: f"{j[0]}-{j[1]}")
+def test_every_instantiation_is_a_distinct_entry(builds, job: tuple[str, str]) -> None:
+    result = builds[job]
+    configs = CONFIGS[job[0]]
+    assert sorted(result.lowered) == sorted(configs)
+    assert len(set(result.lowered.values())) == len(configs)
+    for name in configs:
+        report = result.report(name)
+        # One barrier id (__syncthreads and __syncthreads_or share barrier 0) and no
+        # shared memory but the dynamic buffer.
         assert report.barriers == 1 and report.static_smem == 0, (name, report)
         assert 0 < report.registers <= 255
 
 
 def test_compile_gate_and_cupy_use_the_same_instantiations() -> None:
-    assert _modules.name_expressions("flash_fwd.cu") == tuple(CONFIGS)
+    for file, configs in CONFIGS.items():
+        assert _modules.name_expressions(file) == tuple(configs)
 
 
 # ------------------------------------------------------------------ the gate's teeth
@@ -131,10 +161,11 @@ def test_compiler_warnings_fail_the_gate() -> None:
     assert any("declared but never referenced" in p for p in problems), problems
 
 
-def test_register_budget_of_a_block(flash_build: GateResult) -> None:
+def test_register_budget_of_a_block(builds) -> None:
     # The largest float32 instantiation uses over 64 registers: 1024 threads would not fit.
     name = _launch.flash_config("float32", 256).name_expression
-    problems = check(flash_build, threads={**THREADS, name: 1024}, max_dynamic_smem=MAX_DYNAMIC)
+    problems = check(builds[("flash_fwd.cu", "sm_80")], threads={**THREADS, name: 1024},
+                     max_dynamic_smem=MAX_DYNAMIC)
     assert any(f"{name} uses" in p and "registers" in p for p in problems), problems
 
 

@@ -1,13 +1,10 @@
 // Fused attention forward pass: one query tile per block, key/value tiles streamed
 // through shared memory, online softmax (running max, running sum, rescaled accumulator).
+// Needs flash_common.cu in front (_modules.kernel_source puts it there).
 //
-// Shape legend: B batch, H query heads, K key heads, Kv value heads, L query length,
-// S key length, E head dim of q/k, Ev head dim of v. All arrays are C-contiguous:
-//   q (B, H, L, E), k (B, K, S, E), v (B, Kv, S, Ev), out (B, H, L, Ev), lse (B, H, L).
-//
-// This file is compiled by NVRTC (through CuPy, and by the compile gate) and by g++
-// through the CPU shim, unchanged. NVRTC sees no host headers and does not define
-// INFINITY, so nothing here may include a header or rely on <cmath> macros.
+// Arrays: q (B, H, L, E), k (B, K, S, E), v (B, Kv, S, Ev), out (B, H, L, Ev),
+// lse (B, H, L), all C-contiguous; mask, bias and keep are broadcast operands (see
+// FlashOperand) whose flags bit says whether they are there at all.
 //
 // Work split: a block owns BLOCK_M = WARPS * ROWS query rows; warp w owns ROWS of them.
 // For each key tile of 32 keys, lane j scores key j against each of the warp's rows, the
@@ -17,56 +14,19 @@
 // probability by a broadcast shuffle. DV_MAX (a multiple of 32, >= Ev) fixes the size of
 // the per-lane accumulator so that it stays in registers.
 
-template <typename T>
-struct FlashMath;
-
-template <>
-struct FlashMath<float> {
-    static __device__ __forceinline__ float neg_inf() { return __int_as_float((int)0xff800000u); }
-    static __device__ __forceinline__ float exp_(float x) { return expf(x); }
-    static __device__ __forceinline__ float log_(float x) { return logf(x); }
-};
-
-template <>
-struct FlashMath<double> {
-    static __device__ __forceinline__ double neg_inf() {
-        return __longlong_as_double((long long)0xfff0000000000000ull);
-    }
-    static __device__ __forceinline__ double exp_(double x) { return exp(x); }
-    static __device__ __forceinline__ double log_(double x) { return log(x); }
-};
-
-// fmax drops a NaN operand; an oracle must not, or a row of NaN scores would look
-// fully masked and come out as zeros instead of NaN.
-template <typename T>
-__device__ __forceinline__ T flash_max(T a, T b) {
-    return (a > b || a != a) ? a : b;
-}
-
-template <typename T>
-__device__ __forceinline__ T flash_warp_max(T x) {
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) {
-        x = flash_max(x, __shfl_xor_sync(0xffffffffu, x, offset));
-    }
-    return x;
-}
-
-template <typename T>
-__device__ __forceinline__ T flash_warp_sum(T x) {
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) {
-        x += __shfl_xor_sync(0xffffffffu, x, offset);
-    }
-    return x;
-}
-
 template <typename T, int DV_MAX, int WARPS, int ROWS>
-__global__ void __launch_bounds__(WARPS * 32)
+__global__ void __launch_bounds__(WARPS * 32, 1)
 flash_fwd(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
           T* __restrict__ out, T* __restrict__ lse,
-          int H, int group_k, int group_v, int L, int S, int E, int Ev,
-          int m_tiles, T scale, int causal, int causal_offset) {
+          const bool* __restrict__ mask, long long mask_sb, long long mask_sh,
+          long long mask_sl, long long mask_ss,
+          const T* __restrict__ bias, long long bias_sb, long long bias_sh,
+          long long bias_sl, long long bias_ss,
+          const bool* __restrict__ keep, long long keep_sb, long long keep_sh,
+          long long keep_sl, long long keep_ss,
+          int H, int group_k, int group_v, int L, int S, int E, int Ev, int m_tiles,
+          T scale, T softcap, T inv_softcap, T keep_scale, int flags, long long shift,
+          long long win_left, long long win_right, int masked_rows) {
     constexpr int BLOCK_M = WARPS * ROWS;
     constexpr int BLOCK_N = 32;
     constexpr int THREADS = WARPS * 32;
@@ -91,7 +51,7 @@ flash_fwd(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict_
     const long long bh = blockIdx.x / m_tiles;
     const int m0 = (int)(blockIdx.x - bh * m_tiles) * BLOCK_M;
     const long long b = bh / H;
-    const int h = (int)(bh - b * H);
+    const long long h = bh - b * H;
     const long long key_heads = H / group_k;
     const long long value_heads = H / group_v;
 
@@ -100,6 +60,12 @@ flash_fwd(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict_
     const T* v_bh = v + (b * value_heads + h / group_v) * S * Ev;
 
     const T NEG_INF = FlashMath<T>::neg_inf();
+    const FlashScore<T> score{scale, softcap, inv_softcap, flags, shift, win_left, win_right,
+                              {mask, mask_sb, mask_sh, mask_sl, mask_ss},
+                              {bias, bias_sb, bias_sh, bias_sl, bias_ss}};
+    const FlashOperand<bool> keep_op{keep, keep_sb, keep_sh, keep_sl, keep_ss};
+    const bool has_keep = (flags & FLASH_KEEP) != 0;
+    const T empty_w = flash_empty_weight<T>(masked_rows, S);
 
     for (int i = tid; i < BLOCK_M * E; i += THREADS) {
         const int r = i / E;
@@ -107,13 +73,10 @@ flash_fwd(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict_
         q_tile[r * q_stride + e] = (m0 + r < L) ? q_bh[(long long)(m0 + r) * E + e] : T(0);
     }
 
-    // Key tiles past the causal limit of the block's last row are skipped outright.
-    long long n_end = S;
-    if (causal) {
-        const long long last_row = (m0 + BLOCK_M < L ? m0 + BLOCK_M : L) - 1;
-        const long long limit = last_row + causal_offset + 1;
-        if (limit < n_end) n_end = limit;
-    }
+    // Key tiles outside the window of every row of the block are skipped outright.
+    const long long last_row = (m0 + BLOCK_M < L ? m0 + BLOCK_M : L) - 1;
+    long long n_begin, n_end;
+    flash_key_range(m0, last_row, S, shift, win_left, win_right, BLOCK_N, &n_begin, &n_end);
 
     T m_run[ROWS];
     T l_run[ROWS];
@@ -126,7 +89,7 @@ flash_fwd(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict_
         for (int c = 0; c < CHUNKS; ++c) acc[r][c] = T(0);
     }
 
-    for (int n0 = 0; n0 < n_end; n0 += BLOCK_N) {
+    for (long long n0 = n_begin; n0 < n_end; n0 += BLOCK_N) {
         // The previous tile's values must be consumed before its keys are overwritten;
         // on the first pass this publishes the query tile.
         __syncthreads();
@@ -134,22 +97,23 @@ flash_fwd(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict_
             const int r = i / E;
             const int e = i - r * E;
             kv_tile[r * kv_stride + e] =
-                (n0 + r < S) ? k_bh[(long long)(n0 + r) * E + e] : T(0);
+                (n0 + r < S) ? k_bh[(n0 + r) * E + e] : T(0);
         }
         __syncthreads();
 
-        const int n = n0 + lane;
+        const long long n = n0 + lane;
         T s[ROWS];
 #pragma unroll
         for (int r = 0; r < ROWS; ++r) {
             const int row_local = warp * ROWS + r;
+            const long long row = m0 + row_local;
             const T* q_row = q_tile + row_local * q_stride;
             const T* k_row = kv_tile + lane * kv_stride;
             T dot = T(0);
             for (int e = 0; e < E; ++e) dot += q_row[e] * k_row[e];
-            const bool visible =
-                n < S && (!causal || (long long)n <= (long long)(m0 + row_local) + causal_offset);
-            s[r] = visible ? dot * scale : NEG_INF;
+            T cap;
+            // Keys past S and rows past L have no operand entries: -inf outright.
+            s[r] = (n < S && row < L) ? score(dot, b, h, row, n, &cap) : NEG_INF;
         }
 
         // Every warp is done with the keys before the values replace them.
@@ -158,11 +122,11 @@ flash_fwd(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict_
             const int r = i / Ev;
             const int e = i - r * Ev;
             kv_tile[r * kv_stride + e] =
-                (n0 + r < S) ? v_bh[(long long)(n0 + r) * Ev + e] : T(0);
+                (n0 + r < S) ? v_bh[(n0 + r) * Ev + e] : T(0);
         }
         __syncthreads();
 
-        const int n_valid = (S - n0 < BLOCK_N) ? (S - n0) : BLOCK_N;
+        const int n_valid = (S - n0 < BLOCK_N) ? (int)(S - n0) : BLOCK_N;
 #pragma unroll
         for (int r = 0; r < ROWS; ++r) {
             const T m_new = flash_max(m_run[r], flash_warp_max(s[r]));
@@ -178,6 +142,11 @@ flash_fwd(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict_
             }
             l_run[r] = l_run[r] * alpha + flash_warp_sum(p);
             m_run[r] = m_new;
+            // Dropout acts on the weights after the softmax: the running sum counts every
+            // key, the accumulator only the kept ones (selected, so a NaN weight that is
+            // dropped is dropped, as where(keep, w, 0) does).
+            const long long row = m0 + warp * ROWS + r;
+            if (has_keep && n < S && row < L && !keep_op.at(b, h, row, n)) p = T(0);
 #pragma unroll
             for (int c = 0; c < CHUNKS; ++c) acc[r][c] *= alpha;
             for (int j = 0; j < n_valid; ++j) {
@@ -192,18 +161,73 @@ flash_fwd(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict_
         }
     }
 
+    // A row that saw no key at all (S = 0, masks, a window that misses it) is "fully
+    // masked". Under "nan" and "uniform" its weights are NaN or 1/S on EVERY key, the
+    // window's outside included, and dropout still applies: a second pass over all the
+    // values, taken only by blocks that have such a row.
+    if (masked_rows != FLASH_ROWS_ZERO && S > 0) {
+        bool mine = false;
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) {
+            if (m0 + warp * ROWS + r < L && m_run[r] == NEG_INF) mine = true;
+        }
+        if (__syncthreads_or(mine)) {
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r) {
+                if (m_run[r] != NEG_INF) continue;
+#pragma unroll
+                for (int c = 0; c < CHUNKS; ++c) acc[r][c] = T(0);
+            }
+            for (long long n0 = 0; n0 < S; n0 += BLOCK_N) {
+                __syncthreads();
+                for (int i = tid; i < BLOCK_N * Ev; i += THREADS) {
+                    const int r = i / Ev;
+                    const int e = i - r * Ev;
+                    kv_tile[r * kv_stride + e] =
+                        (n0 + r < S) ? v_bh[(n0 + r) * Ev + e] : T(0);
+                }
+                __syncthreads();
+                const long long n = n0 + lane;
+                const int n_valid = (S - n0 < BLOCK_N) ? (int)(S - n0) : BLOCK_N;
+#pragma unroll
+                for (int r = 0; r < ROWS; ++r) {
+                    const long long row = m0 + warp * ROWS + r;
+                    if (row >= L || m_run[r] != NEG_INF) continue;  // warp-uniform
+                    T wd = (n < S) ? empty_w : T(0);
+                    if (has_keep && n < S) {
+                        wd = keep_op.at(b, h, row, n) ? empty_w * keep_scale : T(0);
+                    }
+                    for (int j = 0; j < n_valid; ++j) {
+                        const T w_j = __shfl_sync(0xffffffffu, wd, j);
+                        const T* v_row = kv_tile + j * kv_stride;
+#pragma unroll
+                        for (int c = 0; c < CHUNKS; ++c) {
+                            const int d = lane + 32 * c;
+                            if (d < Ev) acc[r][c] += w_j * v_row[d];
+                        }
+                    }
+                }
+            }
+        }
+    }
+
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
         const int row = m0 + warp * ROWS + r;
         if (row >= L) continue;
-        // A row that saw no key (bottom-right causal with L > S, or S = 0) is defined
-        // as output 0 and LSE -inf, not the NaN that 0/0 would give.
+        // LSE -inf marks the fully masked row whatever the policy. Its output is 0
+        // ("zero", and the NaN of 0/0 avoided) or the second pass's sum.
         const bool empty = m_run[r] == NEG_INF;
+        const bool keep_sum = empty && masked_rows != FLASH_ROWS_ZERO;
         T* out_row = out + (bh * L + row) * (long long)Ev;
 #pragma unroll
         for (int c = 0; c < CHUNKS; ++c) {
             const int d = lane + 32 * c;
-            if (d < Ev) out_row[d] = empty ? T(0) : acc[r][c] / l_run[r];
+            if (d < Ev) {
+                out_row[d] = keep_sum ? acc[r][c]
+                           : empty    ? T(0)
+                                      : acc[r][c] / l_run[r] * keep_scale;
+            }
         }
         if (lane == 0) {
             lse[bh * L + row] = empty ? NEG_INF : m_run[r] + FlashMath<T>::log_(l_run[r]);
