@@ -147,9 +147,10 @@ def gradient_rounding_bound(
     * the weights carry a relative error rho = 2 delta + (S + 3) u (logit error through
       exp; exp, row sum and division);
     * ``|dS_ij| <= P_ij M`` with ``M = 2 Ev g c max|V|`` (``|dP_ij|`` and
-      ``|rowsum(dO O)_i|`` are both at most ``Ev g c max|V|``), and dS_ij is off by at most P_ij M sigma, sigma =
-      2 delta + (2S + Ev + 6) u (the weights, the forward output inside the row sum,
-      the dot products of length Ev, the product and difference, a softcap's slope);
+      ``|rowsum(dO O)_i|`` are both at most ``Ev g c max|V|``), and dS_ij is off by at
+      most P_ij M sigma, sigma = 2 delta + (2S + Ev + 6) u (the weights, the forward
+      output inside the row sum, the dot products of length Ev, the product and
+      difference, a softcap's slope);
     * a row of P sums to 1, a column to at most R, so ``|dQ err| <= |scale| M max|K|
       (sigma + (S + 1) u)``, ``|dK err| <= R |scale| M max|Q| (sigma + (R + 1) u)`` and
       ``|dV err| <= R c g (rho + (R + 1) u)``; d bias sums dS over the n entries that

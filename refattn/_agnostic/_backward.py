@@ -19,8 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ._scores import ScoreMods, pre_mask_scores, score_slopes
 from ._direct import repeat_heads
+from ._scores import ScoreMods, pre_mask_scores, score_slopes
 from ._softmax import masked_softmax
 
 __all__ = ["BackwardResult", "direct_backward", "sum_groups", "sum_to_shape", "weights_from_lse"]
