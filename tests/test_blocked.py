@@ -609,6 +609,27 @@ def test_bit_identical_whatever_the_thread_count(backend, p, threads):
         assert (a is None and b is None) or np.array_equal(a, b, equal_nan=True)
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_an_error_in_a_worker_reaches_the_caller(threads):
+    # A keep-mask that does not broadcast against a block fails inside the work items;
+    # the error must come out of the call (not hang it), whatever the thread count.
+    import array_api_compat.numpy as xnp
+
+    rng = np.random.default_rng(2)
+    q, k, v = (rng.standard_normal((4, 6, 3)) for _ in range(3))
+    bad_keep = np.ones((4, 6, 5), dtype=bool)  # 5 keys where there are 6
+    with pytest.raises(ValueError):
+        blocked_attention(q, k, v, scale=1.0, bias=None, allowed=None, keep=bad_keep,
+                          dropout_p=0.5, masked_rows="zero", block_l=2, block_s=4,
+                          num_threads=threads, xp=xnp)
+    dout = rng.standard_normal((4, 6, 3))
+    with pytest.raises(ValueError):
+        blocked_attention_backward(dout, q, k, v, scale=1.0, bias=None, allowed=None,
+                                   keep=bad_keep, dropout_p=0.5, masked_rows="zero",
+                                   out=dout, lse=np.zeros((4, 6)), block_l=2, block_s=4,
+                                   num_threads=threads, xp=xnp)
+
+
 def test_front_door_bit_identical_across_set_num_threads(backend):
     rng = np.random.default_rng(11)
     # Four work items (B = 2 x H = 2) for up to four threads.

@@ -11,7 +11,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # Pages whose python blocks are complete programs. A page joins this list when its
 # examples are written to run as they stand.
 PAGES = ["README.md", "docs/index.rst", "docs/checking.rst", "docs/accuracy.rst",
-         "docs/variants.rst", "docs/conventions.rst"]
+         "docs/variants.rst", "docs/conventions.rst",
+         "docs/performance.rst"]
 
 
 def _blocks(path: Path) -> list[str]:

@@ -380,6 +380,7 @@ class _Inputs:
     keep: Any
     k_norm: Any  # (..., K): max_j ||k_j||
     bias_max: float | None  # the largest bias entry; None when it is NaN or +inf
+    triangles: Any  # _CausalMasks when causal, else None
     dropout_p: float
     masked_rows: str
     Ev: int
@@ -417,7 +418,9 @@ def _prepare_inputs(
         q=_pad_rank(q, n, xp), scale=scale, k=kp_used, v=_ones_appended(vp, xp),
         bias=_pad_rank(bias, n, xp), allowed=_pad_rank(allowed, n, xp),
         keep=_pad_rank(keep, n, xp), k_norm=xp.sqrt(xp.max(xp.vecdot(kp, kp), axis=-1)),
-        bias_max=bias_max, dropout_p=dropout_p, masked_rows=masked_rows, Ev=plan.Ev, xp=xp,
+        bias_max=bias_max,
+        triangles=_CausalMasks(plan, xp, q.dtype, q.device) if plan.causal else None,
+        dropout_p=dropout_p, masked_rows=masked_rows, Ev=plan.Ev, xp=xp,
     )
 
 
@@ -515,6 +518,31 @@ def _scores(
     return _apply_visible(inp, rows, scores, visible, -math.inf)
 
 
+class _CausalMasks:
+    """0/1 float masks of the causal triangle, (R, n) per block shape, shared by items.
+
+    Which keys of a block the rows see depends only on the offset l0 + shift - s0 and
+    the block's shape, which repeat across heads, batch entries and query blocks.
+    """
+
+    def __init__(self, plan: _Plan, xp: Any, dtype: Any, device: Any) -> None:
+        self._plan, self._xp, self._dtype, self._device = plan, xp, dtype, device
+        self._cache: dict[tuple[int, int, int, int], Any] = {}
+
+    def get(self, rows: _Rows, s0: int, s1: int) -> Any:
+        xp, n = self._xp, s1 - s0
+        key = (rows.l0 + self._plan.shift - s0, rows.g, rows.bl, n)
+        mask = self._cache.get(key)
+        if mask is None:
+            # Row i sees key j when j <= i + shift, i.e. (j - s0) <= (i - l0) + offset.
+            cols = xp.reshape(xp.arange(n, device=self._device), (1, n))
+            first = xp.reshape(xp.arange(rows.bl, device=self._device), (rows.bl, 1)) + key[0]
+            tri = xp.astype(cols <= first, self._dtype)
+            mask = xp.reshape(xp.broadcast_to(tri, (rows.g, rows.bl, n)), (rows.R, n))
+            self._cache[key] = mask  # a race only computes the same mask twice
+        return mask
+
+
 def _exp_scores(
     inp: _Inputs, plan: _Plan, rows: _Rows, q_shift: Any, k: Any, s0: int, s1: int,
     masked: bool, no_overflow: bool,
@@ -524,13 +552,21 @@ def _exp_scores(
     NumPy's vectorised exp takes a slow path for -inf (4x the time of a finite
     argument), so when no exponent can overflow (``no_overflow``, known from the score
     bound) the hidden scores are exponentiated as they are and their results replaced by
-    0, rather than set to -inf first: the same values (NaN or inf in a hidden score do
-    not reach the result either way).
+    0, rather than set to -inf first. The bound is finite only for finite inputs and a
+    bias without NaN or +inf, so every exp is then finite: the causal triangle alone can
+    be applied by multiplying in place with a cached 0/1 mask (exact), other masks by
+    selection.
     """
+    xp = inp.xp
     if not no_overflow:
-        return inp.xp.exp(_scores(inp, plan, rows, q_shift, k, s0, s1, masked))
+        return xp.exp(_scores(inp, plan, rows, q_shift, k, s0, s1, masked))
+    if masked and rows.allowed is None and inp.triangles is not None:
+        scores, _ = _raw_scores(inp, plan, rows, q_shift, k, s0, s1, False)
+        p = xp.exp(scores)
+        p *= inp.triangles.get(rows, s0, s1)
+        return p
     scores, visible = _raw_scores(inp, plan, rows, q_shift, k, s0, s1, masked)
-    return _apply_visible(inp, rows, inp.xp.exp(scores), visible, 0.0)
+    return _apply_visible(inp, rows, xp.exp(scores), visible, 0.0)
 
 
 def _drop(inp: _Inputs, rows: _Rows, x: Any, s0: int, s1: int, S: int) -> Any:
@@ -937,11 +973,10 @@ def _weights_and_dscores(
     # dS = P (dP - D), formed in place in the product's fresh result: one block less
     # to allocate.
     if rows.keep is None:
-        ds = rg.out_shift @ xp.matrix_transpose(v[s0:s1, :])
+        ds = rg.out_shift @ v[s0:s1, :].mT
     else:
         # Dropout acts on dP before D is subtracted: no folding.
-        ds = _drop(inp, rows, rg.grad_out @ xp.matrix_transpose(v[s0:s1, :plan.Ev]),
-                   s0, s1, plan.S)
+        ds = _drop(inp, rows, rg.grad_out @ v[s0:s1, :plan.Ev].mT, s0, s1, plan.S)
         ds -= rg.D
     ds *= p
     if rg.masked is not None and inp.masked_rows != "nan":
@@ -996,9 +1031,9 @@ def _backward_item(
                 p, ds = _weights_and_dscores(inp, plan, rg, k, v, s0, s1, span.masked)
                 keys = slice(s0 - c0, s1 - c0)
                 p = _drop(inp, rows, p, s0, s1, plan.S)
-                dv[vh - vh0][keys, :] = dv[vh - vh0][keys, :] + xp.matrix_transpose(p) @ rg.grad_out
+                dv[vh - vh0][keys, :] = dv[vh - vh0][keys, :] + p.mT @ rg.grad_out
                 # rows.q is scaled: this is scale dS^T Q.
-                dk[kh - kh0][keys, :] = dk[kh - kh0][keys, :] + xp.matrix_transpose(ds) @ rows.q
+                dk[kh - kh0][keys, :] = dk[kh - kh0][keys, :] + ds.mT @ rows.q
                 dq_rows = dq_rows + ds @ k[s0:s1, :E]
                 if db is not None:
                     _add_dbias(xp, db, ds, plan, h0 - heads.start, g, blk.start, bl, s0 - c0,
