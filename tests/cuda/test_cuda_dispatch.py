@@ -70,6 +70,8 @@ OPTION_SETS = {
     "mask and bias": dict(mask=np.tril(np.ones((7, 9), bool), 2), bias=np.ones((4, 1, 9))),
     "window": dict(window=(2, 1), alignment="bottom_right"),
     "softcap": dict(softcap=2.0, causal=True),
+    "ALiBi": dict(alibi_slopes=np.array([0.5, 0.25, 0.125, 0.0625]), causal=True,
+                  alignment="bottom_right"),
     "nan rows": dict(mask=np.arange(9) < np.arange(7)[:, None] - 3, masked_rows="nan"),
     "uniform rows": dict(window=(0, 0), alignment="bottom_right", masked_rows="uniform",
                          bias=np.where(np.eye(7, 9, 2, dtype=bool), -np.inf, 0.0)),
@@ -191,7 +193,6 @@ def test_backward_sums_broadcast_inputs(kernel_calls):
 # ------------------------------------------------------------------ what the kernels lack
 CUDA_LACKS = "implementation='cuda' does not support "
 UNSUPPORTED = [
-    ({"alibi_slopes": np.ones(2)}, CUDA_LACKS + "alibi_slopes"),
     ({"score_mod": lambda s, b, h, i, j: s * 2.0}, CUDA_LACKS + "score_mod"),
     # The front door refuses this pair before any path is chosen.
     ({"precision": "compensated"},
@@ -242,3 +243,25 @@ def test_cuda_needs_cupy_arrays():
         with pytest.raises(ValueError, match=r"implementation='cuda' runs on CuPy arrays; "
                                              r"got numpy arrays"):
             call(q, q, q, implementation="cuda")
+
+
+def test_alibi_backward_runs_the_kernels(kernel_calls):
+    # ALiBi arrives folded into the bias; with no bias of the user's there is no dbias.
+    rng, q, k, v = _data(7)
+    dout = rng.standard_normal((2, 4, 7, 8))
+    options = dict(alibi_slopes=np.array([0.5, 0.25, 0.125, 0.0625]), causal=True,
+                   alignment="bottom_right")
+    got = refattn.attention_backward(dout, q, k, v, scale=0.25, implementation="cuda",
+                                     **options)
+    assert kernel_calls == ["flash_attention", "flash_attention_backward"]
+    assert got.dbias is None
+    ref = refattn.attention_backward(dout, q, k, v, scale=0.25, implementation="direct",
+                                     **options)
+    alibi = -(options["alibi_slopes"][:, None, None]
+              * np.abs(np.arange(7)[:, None] + 2 - np.arange(9)))
+    tols = backward_tolerance(Problem(q, k, v, 0.25, dict(bias=alibi, causal=True,
+                                                          alignment="bottom_right")),
+                              dout, "float64")
+    for name, g, w, t in zip(("dq", "dk", "dv"), got[:3], ref[:3], tols[:3], strict=True):
+        problem = mismatch(name, g, w, t)
+        assert problem is None, problem
