@@ -19,8 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ._direct import repeat_heads
-from ._scores import ScoreMods, pre_mask_scores, score_slopes
+from ._direct import apply_dropout, repeat_heads
+from ._scores import ScoreMods, final_scores, score_slopes
 from ._softmax import masked_softmax
 
 __all__ = ["BackwardResult", "direct_backward", "sum_groups", "sum_to_shape", "weights_from_lse"]
@@ -93,17 +93,6 @@ def weights_from_lse(scores: Any, lse: Any, *, masked_rows: str, xp: Any) -> Any
     return _apply_row_policy(weights, row_masked, masked_rows, xp=xp)
 
 
-def _scores(scaled: Any, *, bias: Any, allowed: Any, mods: ScoreMods | None, xp: Any) -> Any:
-    # Built exactly as the forward pass builds them (the mask added as 0 / -inf), so the
-    # weights recomputed here are the forward's weights, NaN propagation included.
-    scores = pre_mask_scores(scaled, bias=bias, mods=mods, xp=xp)
-    if allowed is not None:
-        zero = xp.asarray(0.0, dtype=scores.dtype, device=scores.device)
-        neg_inf = xp.asarray(-xp.inf, dtype=scores.dtype, device=scores.device)
-        scores = scores + xp.where(allowed, zero, neg_inf)
-    return scores
-
-
 def direct_backward(
     grad_out: Any,
     q: Any,
@@ -151,7 +140,9 @@ def direct_backward(
     kr = repeat_heads(k, H // k.shape[-3], xp=xp)
     vr = repeat_heads(v, H // v.shape[-3], xp=xp)
     scaled = (q @ xp.matrix_transpose(kr)) * scale
-    scores = _scores(scaled, bias=bias, allowed=allowed, mods=mods, xp=xp)
+    # Built exactly as the forward builds them, so the weights recomputed here are the
+    # forward's weights, NaN propagation included.
+    scores = final_scores(scaled, bias=bias, allowed=allowed, mods=mods, xp=xp)
     if lse is None:
         weights, lse = masked_softmax(scores, masked_rows=masked_rows, xp=xp)
     else:
@@ -159,19 +150,12 @@ def direct_backward(
     row_masked = (lse == -xp.inf)[..., None]
 
     all_dropped = keep is not None and dropout_p >= 1.0
-    dropped = weights
-    if keep is not None:
-        if all_dropped:
-            dropped = xp.zeros_like(weights)
-        else:
-            dropped = xp.where(keep, weights, zero) * (1.0 / (1.0 - dropout_p))
+    dropped = apply_dropout(weights, keep, dropout_p, xp=xp)
     if out is None:
         out = dropped @ vr
 
     dv = xp.matrix_transpose(dropped) @ grad_out
-    d_weights = grad_out @ xp.matrix_transpose(vr)
-    if keep is not None and not all_dropped:
-        d_weights = xp.where(keep, d_weights, zero) * (1.0 / (1.0 - dropout_p))
+    d_weights = apply_dropout(grad_out @ xp.matrix_transpose(vr), keep, dropout_p, xp=xp)
     # rowsum(P * dP) = sum_j P_j keep_j/(1-p) (dO . v_j) = dO . O: dropout needs no
     # separate term, and a fused kernel needs only its saved output.
     D = xp.sum(grad_out * out, axis=-1, keepdims=True)

@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ._scores import ScoreMods, pre_mask_scores
+from ._scores import ScoreMods, final_scores
 from ._softmax import masked_softmax
 
-__all__ = ["DirectResult", "direct_attention", "repeat_heads"]
+__all__ = ["DirectResult", "apply_dropout", "direct_attention", "repeat_heads"]
 
 
 @dataclass
@@ -30,6 +30,19 @@ def repeat_heads(x: Any, groups: int, *, xp: Any) -> Any:
     *lead, n, s, d = x.shape
     expanded = xp.broadcast_to(x[..., None, :, :], (*lead, n, groups, s, d))
     return xp.reshape(expanded, (*lead, n * groups, s, d))
+
+
+def apply_dropout(x: Any, keep: Any, dropout_p: float, *, xp: Any) -> Any:
+    """Dropout through a keep-mask: dropped entries 0, kept ones scaled by 1 / (1 - p).
+
+    ``dropout_p == 1`` drops everything (zeros, not the 0 * inf of a 1/(1-p) scale).
+    """
+    if keep is None:
+        return x
+    if dropout_p >= 1.0:
+        return xp.zeros_like(x)
+    zero = xp.asarray(0.0, dtype=x.dtype, device=x.device)
+    return xp.where(keep, x, zero) * (1.0 / (1.0 - dropout_p))
 
 
 def direct_attention(
@@ -71,20 +84,8 @@ def direct_attention(
     H = q.shape[-3]
     k = repeat_heads(k, H // k.shape[-3], xp=xp)
     v = repeat_heads(v, H // v.shape[-3], xp=xp)
-    scores = pre_mask_scores((q @ xp.matrix_transpose(k)) * scale, bias=bias, mods=mods, xp=xp)
-    if allowed is not None:
-        # Added as 0 / -inf (not selected with where) so that a NaN or +inf score at a
-        # masked position still poisons its row, exactly as torch's additive masks do.
-        zero = xp.asarray(0.0, dtype=scores.dtype, device=scores.device)
-        neg_inf = xp.asarray(-xp.inf, dtype=scores.dtype, device=scores.device)
-        scores = scores + xp.where(allowed, zero, neg_inf)
+    scores = final_scores((q @ xp.matrix_transpose(k)) * scale, bias=bias, allowed=allowed,
+                          mods=mods, xp=xp)
     weights, lse = masked_softmax(scores, masked_rows=masked_rows, xp=xp)
-    dropped = weights
-    if keep is not None:
-        zero = xp.asarray(0.0, dtype=weights.dtype, device=weights.device)
-        if dropout_p >= 1.0:
-            dropped = xp.zeros_like(weights)
-        else:
-            dropped = xp.where(keep, weights, zero) * (1.0 / (1.0 - dropout_p))
-    out = dropped @ v
+    out = apply_dropout(weights, keep, dropout_p, xp=xp) @ v
     return DirectResult(out=out, lse=lse, weights=weights)

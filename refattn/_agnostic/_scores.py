@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ScoreMods", "pre_mask_scores", "score_slopes"]
+__all__ = ["ScoreMods", "final_scores", "pre_mask_scores", "score_slopes"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,21 @@ def pre_mask_scores(scaled: Any, *, bias: Any, mods: ScoreMods | None, xp: Any) 
                 f"({scaled.dtype}); got {type(s).__name__} {getattr(s, 'dtype', '')}"
             )
     return s
+
+
+def final_scores(scaled: Any, *, bias: Any, allowed: Any, mods: ScoreMods | None,
+                 xp: Any) -> Any:
+    """``pre_mask_scores`` with the mask added as 0 / -inf.
+
+    Added, not selected with ``where``, so that a NaN or +inf score at a masked position
+    still poisons its row, exactly as torch's additive masks do.
+    """
+    scores = pre_mask_scores(scaled, bias=bias, mods=mods, xp=xp)
+    if allowed is None:
+        return scores
+    zero = xp.asarray(0.0, dtype=scores.dtype, device=scores.device)
+    neg_inf = xp.asarray(-xp.inf, dtype=scores.dtype, device=scores.device)
+    return scores + xp.where(allowed, zero, neg_inf)
 
 
 def score_slopes(scaled: Any, *, bias: Any, mods: ScoreMods, xp: Any) -> tuple[Any, Any]:
