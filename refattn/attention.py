@@ -276,12 +276,13 @@ def _prepare(
     cdtype = _compute_dtype(compute_dtype, xp)
     nonadditive = [name for name, value in (("softcap", softcap_value), ("score_mod", score_mod))
                    if value is not None]
-    if nonadditive and (precision == "compensated" or implementation == "blocked"):
-        what = f"precision={precision!r}" if precision == "compensated" else \
-            "implementation='blocked'"
+    if nonadditive and precision == "compensated":
+        # Its error-free arithmetic covers products, sums and exp; a tanh or a user's
+        # callable evaluated in float64 would bring back the error it removes.
         raise ValueError(
-            f"{what} does not support {' and '.join(nonadditive)} (they need the whole "
-            "score array: use implementation=None or 'direct' with precision='standard')"
+            f"precision='compensated' does not support {' and '.join(nonadditive)} (its "
+            "error-free arithmetic has no tanh and cannot see inside a callable: use "
+            "precision='standard')"
         )
     direct = implementation in (None, "direct")
     if precision == "compensated" and (cdtype != xp.float64 or not direct):
@@ -319,12 +320,9 @@ def _prepare(
 
 
 def _use_blocked(prep: _Prepared, implementation: str | None) -> bool:
-    # The explicit choice wins; None goes by the size of the score array, except that
-    # softcap and score_mod exist on the direct path only.
+    # The explicit choice wins; None goes by the size of the score array.
     if implementation is not None:
         return implementation == "blocked"
-    if prep.mods.active:
-        return False
     return math.prod(prep.shapes.scores) > DIRECT_MAX_SCORES
 
 
@@ -392,7 +390,7 @@ def _array_api_forward(prep: _Prepared, implementation: str | None, precision: s
                 prep.q, prep.k, prep.v, scale=prep.scale, bias=prep.bias,
                 keep=prep.keep, dropout_p=prep.dropout_p, masked_rows=prep.masked_rows,
                 **prep.blocked_structure, return_weights=return_weights,
-                num_threads=num_threads, xp=prep.xp,
+                num_threads=num_threads, mods=prep.mods, xp=prep.xp,
             )
     return direct_attention(
         prep.q, prep.k, prep.v, scale=prep.scale, bias=prep.bias, allowed=prep.allowed,
@@ -506,10 +504,11 @@ def attention(
     implementation : {None, "direct", "blocked", "cuda"}
         Which path computes. "cuda" runs the fused CUDA kernel on CuPy arrays (the
         options it lacks are named in an error; None uses it for CuPy inputs whose
-        options it has, see docs/gpu.rst). Of the array-API paths, softcap and
-        score_mod exist on "direct" only (None then takes it, or "cuda" for softcap on
-        CuPy inputs); on "blocked" a window's left edge, ALiBi and mask_mod are
-        materialised at (..., H, L, S) like a mask or bias. "direct" materialises the
+        options it has, see docs/gpu.rst). Both array-API paths take every variant;
+        on "blocked" softcap and score_mod are applied block by block (score_mod is
+        called once per block with that block's index grids), while a window's left
+        edge, ALiBi and mask_mod are materialised at (..., H, L, S) like a mask or
+        bias. "direct" materialises the
         (..., H, L, S) scores;
         "blocked" runs an online softmax over cache-sized blocks with extra memory
         O(block) per worker thread, skips key blocks the causal mask hides, and computes
@@ -858,7 +857,7 @@ def attention_backward(
                 bias=prep.bias, keep=prep.keep, dropout_p=prep.dropout_p,
                 masked_rows=prep.masked_rows,
                 out=None if output is None else _to_compute_layout(output, prep), lse=lse_c,
-                **prep.blocked_structure, num_threads=num_threads, xp=xp,
+                **prep.blocked_structure, num_threads=num_threads, mods=prep.mods, xp=xp,
             )
     elif grads is None:
         grads = direct_backward(

@@ -209,8 +209,6 @@ def test_a_non_affine_score_mod_without_derivative_is_refused_in_the_backward():
     ({"mask_mod": "causal"}, TypeError, r"mask_mod must be a callable or None; got str"),
     ({"mask_mod": lambda b, h, qi, kj: qi - kj}, TypeError,
      r"mask_mod must return a boolean array"),
-    ({"softcap": 1.0, "implementation": "blocked"}, ValueError,
-     r"implementation='blocked' does not support softcap"),
     ({"score_mod": lambda s, b, h, qi, kj: s, "precision": "compensated"}, ValueError,
      r"precision='compensated' does not support score_mod"),
 ])

@@ -54,6 +54,7 @@ from .._validate import broadcast_shapes
 from ._backward import BackwardResult
 from ._direct import DirectResult
 from ._masks import alignment_shift
+from ._scores import ScoreMods, pre_mask_scores, score_slopes
 
 __all__ = [
     "RESCALE_THRESHOLD",
@@ -384,6 +385,8 @@ class _Inputs:
     dropout_p: float
     masked_rows: str
     Ev: int
+    mods: ScoreMods | None  # softcap and score_mod, applied per block (None: neither)
+    batch: tuple[int, ...]  # the broadcast batch shape, for the score_mod's flat b index
     xp: Any
 
 
@@ -397,7 +400,8 @@ def _ones_appended(x: Any, xp: Any) -> Any:
 
 def _prepare_inputs(
     q: Any, k: Any, v: Any, *, scale: float, bias: Any, allowed: Any, keep: Any,
-    dropout_p: float, masked_rows: str, plan: _Plan, augment: bool, xp: Any,
+    dropout_p: float, masked_rows: str, plan: _Plan, augment: bool, mods: ScoreMods | None,
+    xp: Any,
 ) -> _Inputs:
     n = plan.ndim
     kp, vp = _pad_rank(k, n, xp), _pad_rank(v, n, xp)
@@ -420,7 +424,8 @@ def _prepare_inputs(
         keep=_pad_rank(keep, n, xp), k_norm=xp.sqrt(xp.max(xp.vecdot(kp, kp), axis=-1)),
         bias_max=bias_max,
         triangles=_CausalMasks(plan, xp, q.dtype, q.device) if plan.causal else None,
-        dropout_p=dropout_p, masked_rows=masked_rows, Ev=plan.Ev, xp=xp,
+        dropout_p=dropout_p, masked_rows=masked_rows, Ev=plan.Ev,
+        mods=mods if mods is not None and mods.active else None, batch=plan.batch, xp=xp,
     )
 
 
@@ -482,11 +487,14 @@ def _raw_scores(
     broadcasts against ``(g, bl, n)``, or None when the mask hides nothing here.
     ``q_shift`` comes from ``_with_shift`` (or is the plain (R, E) rows: no shift)."""
     xp = inp.xp
-    scores = q_shift @ k[s0:s1, :q_shift.shape[1]].mT
+    if inp.mods is not None:
+        scores = _modded_scores(inp, plan, rows, q_shift, k, s0, s1)
+    else:
+        scores = q_shift @ k[s0:s1, :q_shift.shape[1]].mT
     if rows.bias is None and rows.allowed is None and not masked:
         return scores, None
     n = s1 - s0
-    if rows.bias is not None:
+    if rows.bias is not None and inp.mods is None:
         scores = xp.reshape(
             xp.reshape(scores, (rows.g, rows.bl, n)) + _keys_of(rows.bias, s0, s1, plan.S),
             (rows.R, n))
@@ -495,6 +503,63 @@ def _raw_scores(
         diagonal = xp.reshape(xp.arange(s0, s1, device=scores.device), (1, n)) <= rows.positions
         visible = diagonal if visible is None else xp.logical_and(visible, diagonal)
     return scores, visible
+
+
+def _block_mods(inp: _Inputs, plan: _Plan, rows: _Rows, s0: int, s1: int) -> ScoreMods:
+    """The mods with the index grids of one (g, bl, s1 - s0) block of scores.
+
+    The grids are the direct path's grids cut to the block: b the flat batch index
+    (1, 1, 1), h (g, 1, 1), q_idx (bl, 1), kv_idx (1, n). A score_mod built from
+    elementwise operations on its arguments (FlexAttention's contract) gives on each
+    block what it gives on the block's part of the whole array.
+    """
+    assert inp.mods is not None
+    if inp.mods.score_mod is None:
+        return inp.mods
+    xp, device = inp.xp, rows.q.device
+    flat = 0
+    for index, size in zip(rows.b, inp.batch, strict=True):
+        flat = flat * size + index
+    grids = (
+        xp.full((1, 1, 1), flat, dtype=xp.int64, device=device),
+        xp.reshape(xp.arange(rows.h0, rows.h0 + rows.g, device=device), (rows.g, 1, 1)),
+        xp.reshape(xp.arange(rows.l0, rows.l1, device=device), (rows.bl, 1)),
+        xp.reshape(xp.arange(s0, s1, device=device), (1, s1 - s0)),
+    )
+    return replace(inp.mods, grids=grids)
+
+
+def _scaled_block(inp: _Inputs, plan: _Plan, rows: _Rows, k: Any, s0: int, s1: int) -> Any:
+    """The (g, bl, n) scaled scores scale q.k of one block (rows.q is scaled already)."""
+    return inp.xp.reshape(rows.q @ k[s0:s1, :plan.E].mT, (rows.g, rows.bl, s1 - s0))
+
+
+def _modded_scores(inp: _Inputs, plan: _Plan, rows: _Rows, q_shift: Any, k: Any, s0: int,
+                   s1: int) -> Any:
+    """(R, n) scores of one block through softcap, bias and score_mod, minus the shift.
+
+    The shift cannot ride in the product here (softcap and score_mod do not commute
+    with it): the product is the plain scaled one, and the shift, the last column of
+    ``q_shift`` when it has one, is subtracted after the mods.
+    """
+    xp = inp.xp
+    n = s1 - s0
+    scaled = _scaled_block(inp, plan, rows, k, s0, s1)
+    modded = pre_mask_scores(scaled, bias=_keys_of(rows.bias, s0, s1, plan.S),
+                             mods=_block_mods(inp, plan, rows, s0, s1), xp=xp)
+    if tuple(modded.shape) != (rows.g, rows.bl, n):
+        # A mod that broadcasts its result wider than the scores (or returns something
+        # of another shape) cannot be evaluated block by block.
+        raise ValueError(
+            f"score_mod must return an array of its score argument's shape; on a block of "
+            f"scores of shape {(rows.g, rows.bl, n)} it returned shape "
+            f"{tuple(modded.shape)} (the blocked path calls it once per block: write it "
+            "elementwise in score, b, h, q_idx and kv_idx, as FlexAttention requires)"
+        )
+    scores = xp.reshape(modded, (rows.R, n))
+    if q_shift.shape[1] > plan.E:
+        scores = scores + q_shift[:, plan.E:]
+    return scores
 
 
 def _apply_visible(inp: _Inputs, rows: _Rows, x: Any, visible: Any, fill: float) -> Any:
@@ -591,15 +656,22 @@ def _fill_value(masked_rows: str, S: int) -> float:
 def _score_bound(inp: _Inputs, plan: _Plan, rows: _Rows, kh: int) -> Any:
     """(R,) upper bounds of the rows' scores (Cauchy-Schwarz), or None if there is none.
 
-    |scale q_i . k_j| <= |scale| ||q_i|| max_j ||k_j||, plus the largest bias entry;
-    masks only remove scores. NaN or infinite inputs make the bound NaN or inf, which
+    |scale q_i . k_j| <= |scale| ||q_i|| max_j ||k_j|| (and <= softcap after the cap),
+    plus the largest bias entry; masks only remove scores. A score_mod leaves no bound. NaN or infinite inputs make the bound NaN or inf, which
     never passes the test it serves, so those rows always take the checked way.
     """
     xp = inp.xp
-    if inp.bias_max is None:
+    if inp.bias_max is None or (inp.mods is not None and inp.mods.score_mod is not None):
+        # A score_mod may do anything to a score: no bound, every block checked.
         return None
     k_norm = inp.k_norm[(*_batch_index(inp.k_norm, rows.b), kh)]
-    return xp.sqrt(xp.sum(rows.q * rows.q, axis=1)) * k_norm + inp.bias_max
+    bound = xp.sqrt(xp.sum(rows.q * rows.q, axis=1)) * k_norm
+    if inp.mods is not None and inp.mods.softcap is not None:
+        # |c tanh(s / c)| < c whatever s (NaN stays NaN and fails the test as before).
+        bound = xp.where(bound > inp.mods.softcap,
+                         xp.asarray(inp.mods.softcap, dtype=bound.dtype, device=bound.device),
+                         bound)
+    return bound + inp.bias_max
 
 
 class _Bound:
@@ -826,6 +898,7 @@ def blocked_attention(
     block_l: int | None = None,
     block_s: int | None = None,
     num_threads: int = 1,
+    mods: ScoreMods | None = None,
     xp: Any,
 ) -> DirectResult:
     """Attention by online softmax over key blocks, with bounded extra memory.
@@ -864,6 +937,9 @@ def blocked_attention(
     num_threads
         Work items (batch index, head group, query block) run on this many threads.
         The result does not depend on it.
+    mods
+        softcap and score_mod (see ``_scores``), applied to each block of scores; the
+        score_mod sees the block's index grids (``_block_mods``).
 
     Returns
     -------
@@ -891,7 +967,7 @@ def blocked_attention(
     augment = causal or S > plan.block_s
     inp = _prepare_inputs(q, k, v, scale=scale, bias=bias, allowed=allowed, keep=keep,
                           dropout_p=dropout_p, masked_rows=masked_rows, plan=plan,
-                          augment=augment, xp=xp)
+                          augment=augment, mods=mods, xp=xp)
     res = DirectResult(
         out=xp.empty((*batch, H, L, Ev), dtype=dtype, device=device),
         lse=xp.empty((*batch, H, L), dtype=dtype, device=device), weights=weights,
@@ -962,8 +1038,10 @@ def _row_grads(
 def _weights_and_dscores(
     inp: _Inputs, plan: _Plan, rg: _RowGrads, k: Any, v: Any, s0: int, s1: int,
     masked: bool,
-) -> tuple[Any, Any]:
-    """P (before dropout) and dS for one block, as the direct backward computes them."""
+) -> tuple[Any, Any, Any]:
+    """P (before dropout), dS with respect to the scaled scores (for dQ, dK) and with
+    respect to the biased ones (for d bias) of one block, as the direct backward
+    computes them; the two are one array without softcap and score_mod."""
     xp = inp.xp
     rows = rg.rows
     p = _exp_scores(inp, plan, rows, rg.q_shift, k, s0, s1, masked, rg.no_overflow)
@@ -983,7 +1061,20 @@ def _weights_and_dscores(
         # "zero" and "uniform" rows are constants of q, k and bias: no gradient flows;
         # "nan" rows keep the plain softmax's NaN gradient.
         ds = xp.where(rg.masked, xp.asarray(0.0, dtype=ds.dtype, device=ds.device), ds)
-    return p, ds
+    if inp.mods is None:
+        return p, ds, ds
+    # The chain rule through score_mod (d bias stops there) and softcap (dQ, dK go on),
+    # as the direct backward applies it; the scaled scores are recomputed for the slopes.
+    g, bl, n = rows.g, rows.bl, s1 - s0
+    mod_slope, cap_slope = score_slopes(
+        _scaled_block(inp, plan, rows, k, s0, s1), bias=_keys_of(rows.bias, s0, s1, plan.S),
+        mods=_block_mods(inp, plan, rows, s0, s1), xp=xp)
+    ds3 = xp.reshape(ds, (g, bl, n))
+    zero = xp.asarray(0.0, dtype=ds.dtype, device=ds.device)
+    # Masked entries have dS = 0 exactly; a slope undefined there must not make it NaN.
+    d_biased = xp.where(ds3 == 0, zero, ds3 * mod_slope)
+    d_raw = d_biased * cap_slope
+    return p, xp.reshape(d_raw, (rows.R, n)), xp.reshape(d_biased, (rows.R, n))
 
 
 def _backward_item(
@@ -1028,7 +1119,8 @@ def _backward_item(
                 s0, s1 = max(span.start, c0), min(span.stop, c1)
                 if s0 >= s1:
                     continue
-                p, ds = _weights_and_dscores(inp, plan, rg, k, v, s0, s1, span.masked)
+                p, ds, ds_biased = _weights_and_dscores(inp, plan, rg, k, v, s0, s1,
+                                                        span.masked)
                 keys = slice(s0 - c0, s1 - c0)
                 p = _drop(inp, rows, p, s0, s1, plan.S)
                 dv[vh - vh0][keys, :] = dv[vh - vh0][keys, :] + p.mT @ rg.grad_out
@@ -1036,7 +1128,7 @@ def _backward_item(
                 dk[kh - kh0][keys, :] = dk[kh - kh0][keys, :] + ds.mT @ rows.q
                 dq_rows = dq_rows + ds @ k[s0:s1, :E]
                 if db is not None:
-                    _add_dbias(xp, db, ds, plan, h0 - heads.start, g, blk.start, bl, s0 - c0,
+                    _add_dbias(xp, db, ds_biased, plan, h0 - heads.start, g, blk.start, bl, s0 - c0,
                                s1 - c0)
             dq[h0 - heads.start:h0 - heads.start + g, blk.start:blk.stop, :] = xp.reshape(
                 dq_rows * scale, (g, bl, E))
@@ -1099,6 +1191,7 @@ def blocked_attention_backward(
     block_l: int | None = None,
     block_s: int | None = None,
     num_threads: int = 1,
+    mods: ScoreMods | None = None,
     xp: Any,
 ) -> BackwardResult:
     """Gradients of ``blocked_attention``, recomputing the weights block by block.
@@ -1116,8 +1209,9 @@ def blocked_attention_backward(
     out, lse
         The forward output (..., H, L, Ev) and LSE (..., H, L; leading dims may be 1 or
         absent), or None to compute them with ``blocked_attention`` first.
-    block_l, block_s, num_threads
+    block_l, block_s, num_threads, mods
         As for ``blocked_attention``; the result does not depend on ``num_threads``.
+        The chain rule through the mods is the direct backward's (``score_slopes``).
 
     Returns
     -------
@@ -1154,7 +1248,7 @@ def blocked_attention_backward(
             q, k, v, scale=scale, bias=bias, allowed=allowed, keep=keep, dropout_p=dropout_p,
             masked_rows=masked_rows, causal=causal, alignment=alignment,
             diagonal_offset=diagonal_offset, block_l=block_l,
-            block_s=block_s, num_threads=num_threads, xp=xp,
+            block_s=block_s, num_threads=num_threads, mods=mods, xp=xp,
         )
         out = fwd.out if out is None else out
         lse = fwd.lse if lse is None else lse
@@ -1164,7 +1258,7 @@ def blocked_attention_backward(
         plan = replace(plan, skip=False)
     inp = _prepare_inputs(q, k, v, scale=scale, bias=bias, allowed=allowed, keep=keep,
                           dropout_p=dropout_p, masked_rows=masked_rows, plan=plan,
-                          augment=True, xp=xp)
+                          augment=True, mods=mods, xp=xp)
     saved = _Saved(
         grad_out=_pad_rank(grad_out, n, xp), lse=_pad_rank(lse, n - 1, xp),
         D=_pad_rank(xp.vecdot(grad_out, out), n - 1, xp),
