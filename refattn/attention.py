@@ -82,7 +82,8 @@ class _Prepared:
     q: Any
     k: Any
     v: Any
-    bias: Any  # the user's bias with ALiBi added (both are additive, after softcap)
+    user_bias: Any  # the user's bias alone, and the ALiBi slopes: the blocked path adds
+    alibi: Any  # ALiBi per block; the others read ``bias``, both folded at (..., H, L, S)
     mask: Any  # the user's mask AND mask_mod; the positional window is kept apart (below)
     window: tuple[int | None, int | None] | None  # causal and window merged
     alignment: str
@@ -96,6 +97,16 @@ class _Prepared:
     layout: str
     in_dtype: Any
     compute_dtype: Any
+
+    @property
+    def bias(self) -> Any:
+        """The user's bias with ALiBi added (both additive, after softcap), built on
+        demand so that the blocked path never materialises the (..., H, L, S) ALiBi."""
+        if self.alibi is None:
+            return self.user_bias
+        alibi = alibi_bias(self.alibi, self.shapes.L, self.shapes.S, shift=self.shift,
+                           xp=self.xp)
+        return alibi if self.user_bias is None else self.user_bias + alibi
 
     def _and_window(self, left: int | None, right: int | None) -> Any:
         if left is None and right is None:
@@ -116,11 +127,14 @@ class _Prepared:
     @property
     def blocked_structure(self) -> dict[str, Any]:
         """The blocked path's arguments: the window's right edge as a (moved) causal
-        diagonal whose hidden blocks are skipped, its left edge inside ``allowed``."""
+        diagonal and its left edge as a lower one, both skipping the blocks they hide,
+        and the user's bias and ALiBi slopes apart: nothing positional is materialised
+        at (L, S)."""
         left, right = self.window or (None, None)
         return {
-            "allowed": self._and_window(left, None), "causal": right is not None,
+            "allowed": self.mask, "causal": right is not None, "window_left": left,
             "alignment": self.alignment, "diagonal_offset": 0 if right is None else right,
+            "bias": self.user_bias, "alibi_slopes": self.alibi,
         }
 
 
@@ -295,13 +309,10 @@ def _prepare(
     # copy=False: no path writes into its inputs, and copying float64 inputs to float64
     # cost the blocked path a fifth of its time at B=4, H=16, L=S=256 (fresh pages).
     qc, kc, vc = (_to_rank3(xp.astype(x, cdtype, copy=False), xp) for x in (q, k, v))
-    bias_c = None if bias is None else xp.astype(bias, cdtype, copy=False)
+    user_bias = None if bias is None else xp.astype(bias, cdtype, copy=False)
     shift = alignment_shift(shapes.L, shapes.S, alignment)
-    if alibi_slopes is not None:
-        # ALiBi is additive and comes right after the bias: fold it in.
-        alibi = alibi_bias(xp.astype(alibi_slopes, cdtype), shapes.L, shapes.S, shift=shift,
-                           xp=xp)
-        bias_c = alibi if bias_c is None else bias_c + alibi
+    # ALiBi is additive and comes right after the bias (``_Prepared.bias`` folds it in).
+    slopes = None if alibi_slopes is None else xp.astype(alibi_slopes, cdtype)
     grids = None
     if score_mod is not None or mask_mod is not None:
         grids = index_grids(shapes.batch, shapes.H, shapes.L, shapes.S, xp=xp, device=device)
@@ -311,7 +322,8 @@ def _prepare(
         _validate.check_broadcastable("mask_mod's result", modded, scores_shape, _SHAPE_LEGEND)
         mask = modded if mask is None else xp.logical_and(mask, modded)
     return _Prepared(
-        xp=xp, device=device, shapes=shapes, q=qc, k=kc, v=vc, bias=bias_c, mask=mask,
+        xp=xp, device=device, shapes=shapes, q=qc, k=kc, v=vc,
+        user_bias=user_bias, alibi=slopes, mask=mask,
         window=merge_windows(causal, window_sides), alignment=alignment, shift=shift,
         mods=ScoreMods(softcap=softcap_value, score_mod=score_mod, grids=grids),
         keep=keep, keep_user=keep_user, scale=scale_value, dropout_p=p,
@@ -387,7 +399,7 @@ def _array_api_forward(prep: _Prepared, implementation: str | None, precision: s
     if _use_blocked(prep, implementation):
         with _threads.worker_threads(prep.xp) as num_threads:
             return blocked_attention(
-                prep.q, prep.k, prep.v, scale=prep.scale, bias=prep.bias,
+                prep.q, prep.k, prep.v, scale=prep.scale,
                 keep=prep.keep, dropout_p=prep.dropout_p, masked_rows=prep.masked_rows,
                 **prep.blocked_structure, return_weights=return_weights,
                 num_threads=num_threads, mods=prep.mods, xp=prep.xp,
@@ -505,10 +517,10 @@ def attention(
         Which path computes. "cuda" runs the fused CUDA kernel on CuPy arrays (the
         options it lacks are named in an error; None uses it for CuPy inputs whose
         options it has, see docs/gpu.rst). Both array-API paths take every variant;
-        on "blocked" softcap and score_mod are applied block by block (score_mod is
-        called once per block with that block's index grids), while a window's left
-        edge, ALiBi and mask_mod are materialised at (..., H, L, S) like a mask or
-        bias. "direct" materialises the
+        on "blocked" softcap, ALiBi and score_mod are applied block by block (score_mod
+        is called once per block with that block's index grids), a window's edges
+        skip the key blocks they hide, and only mask_mod (evaluated once) is
+        materialised at (..., H, L, S), like a mask. "direct" materialises the
         (..., H, L, S) scores;
         "blocked" runs an online softmax over cache-sized blocks with extra memory
         O(block) per worker thread, skips key blocks the causal mask hides, and computes
@@ -678,7 +690,7 @@ def _cuda_backward(grad_out: Any, output: Any, lse: Any, prep: _Prepared,
             lse = fwd_lse if lse is None else lse
         dq, dk, dv, dbias = _cuda.flash_attention_backward(
             _to_compute_layout(grad_out, prep), prep.q, prep.k, prep.v, out, lse,
-            batch_shape=batch, need_dbias=prep.bias is not None, **options,
+            batch_shape=batch, need_dbias=options["bias"] is not None, **options,
         )
     except _cuda.UnsupportedLaunch as exc:
         if implementation == "cuda":
@@ -854,7 +866,7 @@ def attention_backward(
         with _threads.worker_threads(xp) as num_threads:
             grads = blocked_attention_backward(
                 _to_compute_layout(grad_out, prep), prep.q, prep.k, prep.v, scale=prep.scale,
-                bias=prep.bias, keep=prep.keep, dropout_p=prep.dropout_p,
+                keep=prep.keep, dropout_p=prep.dropout_p,
                 masked_rows=prep.masked_rows,
                 out=None if output is None else _to_compute_layout(output, prep), lse=lse_c,
                 **prep.blocked_structure, num_threads=num_threads, mods=prep.mods, xp=xp,

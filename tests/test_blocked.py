@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 import math
 import tracemalloc
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pytest
@@ -22,7 +22,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import refattn
-from refattn._agnostic._backward import direct_backward
+from refattn._agnostic._backward import direct_backward, sum_to_shape
 from refattn._agnostic._blocked import (
     RESCALE_THRESHOLD,
     SCORE_BLOCK_ELEMENTS,
@@ -34,7 +34,7 @@ from refattn._agnostic._blocked import (
 )
 from refattn._agnostic._direct import direct_attention
 from refattn._tolerance import rounding_bound
-from tests.test_backward import grad_bounds
+from tests.test_backward import _np_sum_to, grad_bounds
 
 U64 = float(np.finfo(np.float64).eps) / 2  # unit roundoff of float64
 # The module, not the function that ``refattn.attention`` names.
@@ -60,6 +60,8 @@ class Problem:
     block_l: int
     block_s: int
     dout: np.ndarray | None = None  # a gradient of the output, for the backward
+    left: int | None = None  # a window's left edge: keys j >= i + shift - left
+    slopes: np.ndarray | None = None  # ALiBi slopes, (H,) or (*batch, H)
 
     @property
     def L(self) -> int:
@@ -69,14 +71,31 @@ class Problem:
     def S(self) -> int:
         return self.k.shape[-2]
 
+    @property
+    def base_shift(self) -> int:
+        return 0 if self.alignment == "top_left" else self.S - self.L
+
     def allowed(self) -> np.ndarray | None:
-        """The user's mask AND the causal triangle, built here independently of refattn."""
+        """The user's mask AND the causal triangle AND the window's lower edge, built
+        here independently of refattn."""
         allowed = self.mask
+        ones = np.ones((self.L, self.S), dtype=bool)
         if self.causal:
-            shift = 0 if self.alignment == "top_left" else self.S - self.L
-            tri = np.tril(np.ones((self.L, self.S), dtype=bool), k=shift)
+            tri = np.tril(ones, k=self.base_shift)
             allowed = tri if allowed is None else allowed & tri
+        if self.left is not None:
+            above = ~np.tril(ones, k=self.base_shift - self.left - 1)
+            allowed = above if allowed is None else allowed & above
         return allowed
+
+    def full_bias(self) -> np.ndarray | None:
+        """The bias plus ALiBi's -slope |i + shift - j|, built here for the direct path."""
+        if self.slopes is None:
+            return self.bias
+        i = np.arange(self.L)[:, None] + self.base_shift
+        j = np.arange(self.S)[None, :]
+        alibi = -self.slopes[..., None, None] * np.abs(i - j)
+        return alibi if self.bias is None else self.bias + alibi
 
     def key_blocks(self) -> int:
         return max(1, math.ceil(self.S / self.block_s))
@@ -118,12 +137,18 @@ def problems(draw: st.DrawFn, *, max_len: int = 7, dropout: bool = True) -> Prob
     keep = None if keep_shape is None else rng.random(keep_shape) >= dropout_p
     out_batch = np.broadcast_shapes(batch, kv_batch)
     dout = rng.uniform(-1, 1, (*out_batch, H, L, Ev))
+    left = draw(st.one_of(st.none(), st.none(), st.integers(0, 4)))
+    slopes = None
+    if draw(st.integers(0, 3)) == 0:
+        # Mostly positive, as in ALiBi; a negative slope makes the bias rise with distance.
+        slopes = rng.uniform(-0.3, 1.0, draw(st.sampled_from([(H,), (*out_batch, H)])))
     return Problem(
         q=q, k=k, v=v, scale=draw(st.sampled_from([E**-0.5, 0.0, -0.8, 1.3])), mask=mask,
         bias=bias, keep=keep, dropout_p=dropout_p, causal=draw(st.booleans()),
         alignment=draw(st.sampled_from(["top_left", "bottom_right"])),
         masked_rows=draw(st.sampled_from(["zero", "nan", "uniform"])),
         block_l=draw(st.integers(1, 4)), block_s=draw(st.integers(1, 5)), dout=dout,
+        left=left, slopes=slopes,
     )
 
 
@@ -140,7 +165,8 @@ def _run(backend, p: Problem, *, path: str, num_threads: int = 1, return_weights
     q, k, v, bias, keep = (conv(x) for x in (p.q, p.k, p.v, p.bias, p.keep))
     if path == "direct":
         res = direct_attention(
-            q, k, v, scale=p.scale, bias=bias, allowed=conv(p.allowed()), keep=keep,
+            q, k, v, scale=p.scale, bias=conv(p.full_bias()), allowed=conv(p.allowed()),
+            keep=keep,
             dropout_p=p.dropout_p, masked_rows=p.masked_rows, xp=xp,
         )
     else:
@@ -148,7 +174,8 @@ def _run(backend, p: Problem, *, path: str, num_threads: int = 1, return_weights
             q, k, v, scale=p.scale, bias=bias, allowed=conv(p.mask), keep=keep,
             dropout_p=p.dropout_p, masked_rows=p.masked_rows, causal=p.causal,
             alignment=p.alignment, return_weights=return_weights, block_l=p.block_l,
-            block_s=p.block_s, num_threads=num_threads, xp=xp,
+            block_s=p.block_s, num_threads=num_threads, window_left=p.left,
+            alibi_slopes=conv(p.slopes), xp=xp,
         )
     return tuple(_optional(backend.to_numpy, x) for x in (res.out, res.lse, res.weights))
 
@@ -162,8 +189,9 @@ def _score_magnitude(p: Problem) -> float:
     if p.L == 0 or p.S == 0:
         return 0.0
     A = abs(p.scale) * float(np.max(np.abs(p.q).sum(axis=-1))) * float(np.max(np.abs(p.k)))
-    if p.bias is not None:
-        A += float(np.max(np.abs(p.bias[np.isfinite(p.bias)]), initial=0.0))
+    bias = p.full_bias()
+    if bias is not None:
+        A += float(np.max(np.abs(bias[np.isfinite(bias)]), initial=0.0))
     return A
 
 
@@ -176,7 +204,11 @@ def _blocked_exponent_error(p: Problem) -> float:
     2 A' + RESCALE_THRESHOLD: (nb + 1) u (2 A' + tau) for nb key blocks.
     """
     A, nb = _score_magnitude(p), p.key_blocks()
-    return 2 * (p.q.shape[-1] + 2) * U64 * A + (nb + 1) * U64 * (2 * A + RESCALE_THRESHOLD)
+    # ALiBi: slope * distance and its sum with the bias, per block on the blocked path
+    # and once in the test's explicit bias: three more roundings of size <= A.
+    alibi = 3 * U64 * A if p.slopes is not None else 0.0
+    return (2 * (p.q.shape[-1] + 2) * U64 * A + (nb + 1) * U64 * (2 * A + RESCALE_THRESHOLD)
+            + alibi)
 
 
 def _blocked_sum_error(p: Problem) -> float:
@@ -209,7 +241,7 @@ def _bounds(p: Problem) -> dict[str, float]:
     A = _score_magnitude(p)
     delta = (p.q.shape[-1] + 2) * U64 * A
     d_b = _blocked_exponent_error(p)
-    direct_out = rounding_bound(p.q, p.k, p.v, scale=p.scale, bias=p.bias,
+    direct_out = rounding_bound(p.q, p.k, p.v, scale=p.scale, bias=p.full_bias(),
                                 dropout_p=p.dropout_p) / 2
     blocked_out = vmax * (2 * d_b + _blocked_sum_error(p) + 2 * U64) * keep_scale
     direct_lse = delta + (p.S + 3) * U64 + U64 * (A + math.log(max(p.S, 1)))
@@ -365,16 +397,35 @@ def _run_backward(backend, p: Problem, *, path: str, num_threads: int = 1, saved
 
     args = [conv(x) for x in (p.dout, p.q, p.k, p.v)]
     out, lse = (None, None) if saved is None else (conv(saved[0]), conv(saved[1]))
-    common = dict(scale=p.scale, bias=conv(p.bias), keep=conv(p.keep), dropout_p=p.dropout_p,
+    common = dict(scale=p.scale, keep=conv(p.keep), dropout_p=p.dropout_p,
                   masked_rows=p.masked_rows, out=out, lse=lse, xp=xp)
     if path == "direct":
-        g = direct_backward(*args, allowed=conv(p.allowed()), **common)
+        g = direct_backward(*args, bias=conv(p.full_bias()), allowed=conv(p.allowed()),
+                            **common)
+        # The direct path differentiates bias + ALiBi: the bias's gradient is that summed
+        # back to the bias's own shape.
+        dbias = None if p.bias is None else sum_to_shape(g.dbias, p.bias.shape, xp=xp)
     else:
         g = blocked_attention_backward(
-            *args, allowed=conv(p.mask), causal=p.causal, alignment=p.alignment,
-            block_l=p.block_l, block_s=p.block_s, num_threads=num_threads, **common,
+            *args, bias=conv(p.bias), allowed=conv(p.mask), causal=p.causal,
+            alignment=p.alignment, block_l=p.block_l, block_s=p.block_s,
+            num_threads=num_threads, window_left=p.left, alibi_slopes=conv(p.slopes),
+            **common,
         )
-    return [None if x is None else backend.to_numpy(x) for x in (g.dq, g.dk, g.dv, g.dbias)]
+        dbias = g.dbias
+    return [None if x is None else backend.to_numpy(x) for x in (g.dq, g.dk, g.dv, dbias)]
+
+
+def _user_bias_bounds(p: Problem, b):
+    """``grad_bounds`` of bias + ALiBi, its d bias part summed back to the user's bias
+    shape (a sum of entries is within the sum of their bounds); None without a bias."""
+    if p.slopes is None:
+        return b
+    bounds, mags = list(b.bounds), list(b.mags)
+    for values in (bounds, mags):
+        values[3] = None if p.bias is None else _np_sum_to(
+            np.broadcast_to(values[3], p.full_bias().shape), p.bias.shape)
+    return replace(b, bounds=bounds, mags=mags)
 
 
 def _grad_tolerances(p: Problem) -> list[np.ndarray | None]:
@@ -389,8 +440,9 @@ def _grad_tolerances(p: Problem) -> list[np.ndarray | None]:
     if p.L == 0 or p.S == 0 or p.dropout_p >= 1:
         # Nothing to compute, or an output identically 0: both give exact zeros.
         return [0.0, 0.0, 0.0, None if p.bias is None else 0.0]
-    b = grad_bounds(p.q, p.k, p.v, p.dout, scale=p.scale, bias=p.bias, allowed=p.allowed(),
-                    keep=p.keep, dropout_p=p.dropout_p, masked_rows=p.masked_rows)
+    b = _user_bias_bounds(p, grad_bounds(
+        p.q, p.k, p.v, p.dout, scale=p.scale, bias=p.full_bias(), allowed=p.allowed(),
+        keep=p.keep, dropout_p=p.dropout_p, masked_rows=p.masked_rows))
     # The exponent S - lse comes out of one product with E + 1 terms, the LSE among them:
     # (E + 2) u (A' + |lse|), and the LSE itself carries the blocked forward's error.
     A = _score_magnitude(p)
@@ -450,9 +502,9 @@ def test_blocked_backward_uses_the_saved_output_and_lse(backend, p):
     if p.L == 0 or p.S == 0 or p.dropout_p >= 1:
         tolerances = _grad_tolerances(p)
     else:
-        b = grad_bounds(p.q, p.k, p.v, p.dout, scale=p.scale, bias=p.bias,
-                        allowed=p.allowed(), keep=p.keep, dropout_p=p.dropout_p,
-                        masked_rows=p.masked_rows)
+        b = _user_bias_bounds(p, grad_bounds(
+            p.q, p.k, p.v, p.dout, scale=p.scale, bias=p.full_bias(), allowed=p.allowed(),
+            keep=p.keep, dropout_p=p.dropout_p, masked_rows=p.masked_rows))
         tolerances = [None if x is None else 2 * x for x in b.bounds]
     _assert_grads_close(got, want, tolerances)
 
@@ -490,21 +542,35 @@ def test_backward_front_door_blocked_equals_direct(backend):
 # --- skipping -------------------------------------------------------------------------
 
 
+def _band(L, S, shift, causal, left):
+    """Loop-free but independent: the causal diagonal j <= i + shift and the lower edge
+    j >= i + shift - left of a window, as a boolean (L, S) array."""
+    visible = np.tril(np.ones((L, S), dtype=bool), k=shift) if causal else np.ones((L, S), bool)
+    if left is not None:
+        visible &= ~np.tril(np.ones((L, S), dtype=bool), k=shift - left - 1)
+    return visible
+
+
 @given(
     L=st.integers(0, 12), S=st.integers(0, 12), block_l=st.integers(1, 5),
     block_s=st.integers(1, 9), causal=st.booleans(),
     alignment=st.sampled_from(["top_left", "bottom_right"]),
+    left=st.one_of(st.none(), st.integers(0, 6)),
 )
-def test_key_spans_visit_exactly_the_needed_blocks(L, S, block_l, block_s, causal, alignment):
+def test_key_spans_visit_exactly_the_needed_blocks(L, S, block_l, block_s, causal, alignment,
+                                                   left):
     shift = 0 if alignment == "top_left" else S - L
-    visible = np.tril(np.ones((L, S), dtype=bool), k=shift) if causal else np.ones((L, S), bool)
+    visible = _band(L, S, shift, causal, left)
+    low = None if left is None else shift - left
     for l0 in range(0, L, block_l):
         l1 = min(l0 + block_l, L)
         rows = visible[l0:l1]
         covered = np.zeros(S, dtype=bool)
-        last = 0
-        for span in key_spans(l0, l1, S, block_s, causal=causal, shift=shift if causal else 0):
-            assert last == span.start < span.stop <= S
+        last = None
+        for span in key_spans(l0, l1, S, block_s, causal=causal, shift=shift if causal else 0,
+                              low=low):
+            # In order, contiguous (hidden spans are dropped only before the first).
+            assert (last is None or last == span.start) and span.start < span.stop <= S
             last = span.stop
             block = rows[:, span.start:span.stop]
             assert block.any(), f"span {span} of rows [{l0}, {l1}) is fully masked"
@@ -518,29 +584,31 @@ def test_key_spans_visit_exactly_the_needed_blocks(L, S, block_l, block_s, causa
     L=st.integers(0, 12), S=st.integers(1, 12), block_l=st.integers(1, 5),
     block_s=st.integers(1, 5), causal=st.booleans(),
     alignment=st.sampled_from(["top_left", "bottom_right"]),
+    left=st.one_of(st.none(), st.integers(0, 6)),
 )
 def test_query_blocks_are_the_transpose_of_key_spans(L, S, block_l, block_s, causal,
-                                                      alignment):
+                                                      alignment, left):
     # The backward visits, for each key range, the query blocks that see it: exactly the
     # query blocks whose key spans overlap the range.
-    shift = (0 if alignment == "top_left" else S - L) if causal else 0
+    base = 0 if alignment == "top_left" else S - L
+    shift = base if causal else 0
+    low = None if left is None else base - left
+    band = _band(L, S, base, causal, left)
     for s0 in range(0, S, block_s):
         s1 = min(s0 + block_s, S)
         want = [
             l0 for l0 in range(0, L, block_l)
             if any(span.start < s1 and s0 < span.stop
                    for span in key_spans(l0, min(l0 + block_l, L), S, block_s,
-                                         causal=causal, shift=shift))
+                                         causal=causal, shift=shift, low=low))
         ]
-        got = query_blocks(s0, s1, L, block_l, causal=causal, shift=shift)
+        got = query_blocks(s0, s1, L, block_l, causal=causal, shift=shift, low=low)
         # query_blocks may start a block early (it stays on the block grid): any extra
         # block it lists must see none of the range, and is then fully masked there.
         listed = [blk.start for blk in got]
         assert set(want) <= set(listed)
         for blk in got:
-            rows = np.arange(blk.start, blk.stop)[:, None]
-            cols = np.arange(s0, s1)[None, :]
-            visible = (cols <= rows + shift) if causal else np.ones((len(rows), s1 - s0), bool)
+            visible = band[blk.start:blk.stop, s0:s1]
             if blk.start not in want:
                 assert not visible.any()
             assert blk.masked == (not visible.all())
@@ -781,3 +849,64 @@ def test_extra_memory_is_per_block_not_per_score_matrix():
     budget = workers * 4 * block_bytes + copies
     assert peak <= budget, f"peak {peak / 2**20:.1f} MiB over budget {budget / 2**20:.1f} MiB"
     assert budget < L * S * 8 / 10  # the point: a tenth of one score matrix
+
+
+def test_window_left_edge_skips_the_keys_it_hides(backend):
+    # A sliding window (left=2, right=0, top-left, L = S = 12): rows [8, 12) see keys
+    # >= 6 only. NaN keys and values at 0..3 are seen by rows 0..5 alone; the blocks of
+    # rows [8, 12) must not read them (the direct path would: its NaN score at a masked
+    # position poisons the row), forward and backward.
+    L = S = 12
+    rng = np.random.default_rng(4)
+    q, k = rng.standard_normal((1, L, 4)), rng.standard_normal((1, S, 4))
+    v = rng.standard_normal((1, S, 2))
+    k[:, :4, :] = np.nan
+    v[:, :4, :] = np.nan
+    xs = [backend.asarray(x) for x in (q, k, v)]
+    kw = dict(scale=0.5, bias=None, allowed=None, keep=None, dropout_p=0.0,
+              masked_rows="zero", causal=True, alignment="top_left", block_l=4, block_s=3,
+              window_left=2, xp=backend.xp)
+    res = blocked_attention(*xs, **kw)
+    out = backend.to_numpy(res.out)
+    assert np.all(np.isnan(out[:, :6])), "rows 0..5 see a NaN key"
+    clean_k, clean_v = np.where(np.isnan(k), 0.0, k), np.where(np.isnan(v), 0.0, v)
+    p = Problem(q=q, k=clean_k, v=clean_v, scale=0.5, mask=None, bias=None, keep=None,
+                dropout_p=0.0, causal=True, alignment="top_left", masked_rows="zero",
+                block_l=4, block_s=3, left=2, dout=rng.standard_normal((1, L, 2)))
+    want = _run(backend, p, path="direct")[0]
+    _assert_close(out[:, 8:], want[:, 8:], _bounds(p)["out"], "rows [8, 12)")
+    grads = blocked_attention_backward(backend.asarray(p.dout), *xs, out=None, lse=None, **kw)
+    clean = _run_backward(backend, p, path="direct")
+    # Rows 4 and 5 see NaN keys: their NaN row sums reach every key their block visits
+    # (0 * NaN), in both paths. Block [4, 8) visits keys up to its last row's diagonal,
+    # 7; keys 8.. are visited by block [8, 12) alone, which never reads keys 0..3.
+    tol = float(np.max(np.broadcast_to(_grad_tolerances(p)[1], k.shape)[:, 8:]))
+    _assert_close(backend.to_numpy(grads.dk)[:, 8:], clean[1][:, 8:], tol, "dk of keys 8..")
+
+
+def test_window_and_alibi_take_no_score_sized_memory():
+    # The left edge and ALiBi are applied per block (not materialised at (L, S)), so a
+    # window with ALiBi and softcap through the front door stays within the per-block
+    # budget of the plain blocked path at L = S = 4096, where an (L, S) float64 ALiBi
+    # alone would be 128 MiB and the window's boolean mask 16 MiB.
+    L = S = 4096
+    E = Ev = 8
+    rng = np.random.default_rng(6)
+    q, k, v = (rng.standard_normal((1, n, E)) for n in (L, S, S))
+    # The first blocked call of a process settles the allocator with one untouched
+    # 31 MiB array (refattn._threads); have it happen before the measurement.
+    refattn.attention(q[:, :2], k[:, :2], v[:, :2], implementation="blocked")
+    tracemalloc.start()
+    try:
+        refattn.attention(q, k, v, window=(300, 0), alibi_slopes=np.array([0.25]),
+                          softcap=5.0, implementation="blocked")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    workers, block_bytes = refattn.get_num_threads(), 8 * SCORE_BLOCK_ELEMENTS
+    copies = 8 * (L * E + (E + 1) * S + S * (Ev + 1) + 2 * L * Ev + 2 * L)
+    # Per worker: the four blocks of the plain path, and the per-block ALiBi distances
+    # and the softcapped scores (three more).
+    budget = workers * 7 * block_bytes + copies
+    assert peak <= budget, f"peak {peak / 2**20:.1f} MiB over budget {budget / 2**20:.1f} MiB"
+    assert budget < L * S * 8 / 4

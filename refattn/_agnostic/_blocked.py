@@ -133,7 +133,8 @@ def choose_blocks(
 
 
 def key_spans(
-    start: int, stop: int, S: int, block_s: int, *, causal: bool, shift: int, skip: bool = True
+    start: int, stop: int, S: int, block_s: int, *, causal: bool, shift: int, skip: bool = True,
+    low: int | None = None,
 ) -> list[KeySpan]:
     """Key spans visited by query rows [start, stop), in order.
 
@@ -141,8 +142,25 @@ def key_spans(
     j <= i + shift: unless ``skip`` is False, keys past the last row's diagonal are not
     visited, and the keys every row sees (up to the first row's diagonal) are cut apart
     from the rest, so that only the triangle under the diagonal is ``masked`` (needs the
-    positional mask).
+    positional mask). A lower edge ``low`` (a window's left edge: row i may attend keys
+    j >= i + low) drops, unless ``skip`` is False, the spans below the first row's edge
+    and marks ``masked`` the spans the edge crosses.
     """
+    spans = _upper_spans(start, stop, S, block_s, causal=causal, shift=shift, skip=skip)
+    if low is None:
+        return spans
+    kept = []
+    for span in spans:
+        if skip and span.stop <= start + low:
+            continue  # below every row's lower edge
+        kept.append(replace(span, masked=span.masked or span.start < stop - 1 + low))
+    return kept
+
+
+def _upper_spans(
+    start: int, stop: int, S: int, block_s: int, *, causal: bool, shift: int, skip: bool
+) -> list[KeySpan]:
+    # key_spans for the causal diagonal (the window's right edge) alone.
     if not causal:
         return [KeySpan(s0, min(s0 + block_s, S), False) for s0 in range(0, S, block_s)]
     end = max(0, min(S, stop + shift)) if skip else S
@@ -160,22 +178,30 @@ def key_spans(
 
 
 def query_blocks(
-    start: int, stop: int, L: int, block_l: int, *, causal: bool, shift: int, skip: bool = True
+    start: int, stop: int, L: int, block_l: int, *, causal: bool, shift: int, skip: bool = True,
+    low: int | None = None,
 ) -> list[KeySpan]:
     """Query blocks (on the grid of ``block_l``) that see keys [start, stop), in order.
 
     The transpose of ``key_spans``: with ``causal`` (and ``skip``), blocks whose last row
-    sees no key of the span are not visited.
+    sees no key of the span are not visited; with a lower edge ``low``, blocks whose
+    first row sees none either.
     """
     first = 0
     if causal and skip:
         # The first row that sees key ``start``, rounded down to the grid.
         first = max(0, start - shift)
         first = L if first >= L else first // block_l * block_l
-    return [
-        KeySpan(l0, min(l0 + block_l, L), causal and stop - 1 > l0 + shift)
-        for l0 in range(first, L, block_l)
-    ]
+    blocks = []
+    for l0 in range(first, L, block_l):
+        l1 = min(l0 + block_l, L)
+        masked = causal and stop - 1 > l0 + shift
+        if low is not None:
+            if skip and l0 + low > stop - 1:
+                break  # this block's first row, and every later row, is past the span
+            masked = masked or l1 - 1 + low > start
+        blocks.append(KeySpan(l0, l1, masked))
+    return blocks
 
 
 @dataclass(frozen=True)
@@ -196,6 +222,8 @@ class _Plan:
     causal: bool
     shift: int
     skip: bool  # skip the blocks the causal mask hides entirely
+    low: int | None  # query i sees keys j >= i + low (a window's left edge), or None
+    position_shift: int  # the alignment's shift, for ALiBi distances |i + shift - j|
 
     @property
     def ndim(self) -> int:
@@ -204,7 +232,7 @@ class _Plan:
 
 def _make_plan(
     q: Any, k: Any, v: Any, *, causal: bool, alignment: str, diagonal_offset: int = 0,
-    block_l: int | None,
+    window_left: int | None = None, block_l: int | None,
     block_s: int | None, backward: bool = False,
 ) -> _Plan:
     H, L, E = q.shape[-3:]
@@ -218,6 +246,8 @@ def _make_plan(
         block_l=auto_l if block_l is None else block_l,
         block_s=auto_s if block_s is None else block_s, causal=causal,
         shift=alignment_shift(L, S, alignment) + diagonal_offset if causal else 0, skip=True,
+        low=None if window_left is None else alignment_shift(L, S, alignment) - window_left,
+        position_shift=alignment_shift(L, S, alignment),
     )
 
 
@@ -377,6 +407,7 @@ class _Inputs:
     k: Any  # (..., K, S, E + 1), or (..., K, S, E) without the column of ones
     v: Any  # (..., Kv, S, Ev + 1)
     bias: Any
+    alibi: Any  # (..., H) ALiBi slopes (rank-padded), or None
     allowed: Any
     keep: Any
     k_norm: Any  # (..., K): max_j ||k_j||
@@ -401,7 +432,7 @@ def _ones_appended(x: Any, xp: Any) -> Any:
 def _prepare_inputs(
     q: Any, k: Any, v: Any, *, scale: float, bias: Any, allowed: Any, keep: Any,
     dropout_p: float, masked_rows: str, plan: _Plan, augment: bool, mods: ScoreMods | None,
-    xp: Any,
+    alibi_slopes: Any = None, xp: Any,
 ) -> _Inputs:
     n = plan.ndim
     kp, vp = _pad_rank(k, n, xp), _pad_rank(v, n, xp)
@@ -418,12 +449,23 @@ def _prepare_inputs(
         bias_max = float(xp.max(bias)) if math.prod(bias.shape) else 0.0
         if not bias_max < math.inf:  # NaN or +inf: no bound on the scores
             bias_max = None
+    alibi = None
+    if alibi_slopes is not None:
+        alibi = _pad_rank(alibi_slopes, n - 2, xp)
+        # -slope * distance is <= 0 for slopes >= 0; a negative slope makes it positive,
+        # up to |slope| (L + S).
+        rise = max(0.0, -float(xp.min(alibi_slopes))) * (plan.L + plan.S) \
+            if math.prod(alibi_slopes.shape) else 0.0
+        if bias_max is not None:
+            bias_max = bias_max + rise if rise < math.inf else None
     return _Inputs(
         q=_pad_rank(q, n, xp), scale=scale, k=kp_used, v=_ones_appended(vp, xp),
-        bias=_pad_rank(bias, n, xp), allowed=_pad_rank(allowed, n, xp),
+        bias=_pad_rank(bias, n, xp), alibi=alibi, allowed=_pad_rank(allowed, n, xp),
         keep=_pad_rank(keep, n, xp), k_norm=xp.sqrt(xp.max(xp.vecdot(kp, kp), axis=-1)),
         bias_max=bias_max,
-        triangles=_CausalMasks(plan, xp, q.dtype, q.device) if plan.causal else None,
+        # The cached triangles cover the causal diagonal alone, not a window's lower edge.
+        triangles=_CausalMasks(plan, xp, q.dtype, q.device)
+        if plan.causal and plan.low is None else None,
         dropout_p=dropout_p, masked_rows=masked_rows, Ev=plan.Ev,
         mods=mods if mods is not None and mods.active else None, batch=plan.batch, xp=xp,
     )
@@ -443,6 +485,8 @@ class _Rows:
     allowed: Any
     keep: Any
     positions: Any  # (bl, 1) query index + shift, for the causal mask (None if not causal)
+    lows: Any  # (bl, 1) query index + low, for the window's lower edge (or None)
+    alibi: Any  # (g, 1, 1) -ALiBi slopes and (bl, 1) query positions, or None
 
     @property
     def bl(self) -> int:
@@ -461,14 +505,21 @@ def _rows(inp: _Inputs, plan: _Plan, b: tuple[int, ...], h0: int, l0: int, l1: i
     # over the scores; it rounds each q entry once more (relative u), which the dot
     # product's own bound already covers.
     q = q * inp.scale
-    positions = None
-    if plan.causal:
-        positions = xp.reshape(xp.arange(l0, l1, device=q.device), (l1 - l0, 1)) + plan.shift
+    index = xp.reshape(xp.arange(l0, l1, device=q.device), (l1 - l0, 1))
+    positions = index + plan.shift if plan.causal else None
+    lows = index + plan.low if plan.low is not None else None
+    alibi = None
+    if inp.alibi is not None:
+        slopes = inp.alibi[(*_batch_index(inp.alibi, b),
+                            _axis_slice(inp.alibi.shape[-1], plan.H, h0, h0 + g))]
+        alibi = (xp.reshape(-slopes, (slopes.shape[-1], 1, 1)),
+                 xp.astype(index + plan.position_shift, q.dtype))
     return _Rows(
         b=b, h0=h0, l0=l0, l1=l1, g=g, q=xp.reshape(q, (g * (l1 - l0), plan.E)),
         bias=_rows_of(inp.bias, b, plan, h0, l0, l1),
         allowed=_rows_of(inp.allowed, b, plan, h0, l0, l1),
-        keep=_rows_of(inp.keep, b, plan, h0, l0, l1), positions=positions,
+        keep=_rows_of(inp.keep, b, plan, h0, l0, l1), positions=positions, lows=lows,
+        alibi=alibi,
     )
 
 
@@ -491,18 +542,35 @@ def _raw_scores(
         scores = _modded_scores(inp, plan, rows, q_shift, k, s0, s1)
     else:
         scores = q_shift @ k[s0:s1, :q_shift.shape[1]].mT
-    if rows.bias is None and rows.allowed is None and not masked:
+    if rows.bias is None and rows.alibi is None and rows.allowed is None and not masked:
         return scores, None
     n = s1 - s0
-    if rows.bias is not None and inp.mods is None:
-        scores = xp.reshape(
-            xp.reshape(scores, (rows.g, rows.bl, n)) + _keys_of(rows.bias, s0, s1, plan.S),
-            (rows.R, n))
+    if inp.mods is None:
+        additive = _block_bias(inp, plan, rows, s0, s1)
+        if additive is not None:
+            scores = xp.reshape(xp.reshape(scores, (rows.g, rows.bl, n)) + additive,
+                                (rows.R, n))
     visible = _keys_of(rows.allowed, s0, s1, plan.S)
     if masked:
-        diagonal = xp.reshape(xp.arange(s0, s1, device=scores.device), (1, n)) <= rows.positions
-        visible = diagonal if visible is None else xp.logical_and(visible, diagonal)
+        cols = xp.reshape(xp.arange(s0, s1, device=scores.device), (1, n))
+        for edge in (None if rows.positions is None else cols <= rows.positions,
+                     None if rows.lows is None else cols >= rows.lows):
+            if edge is not None:
+                visible = edge if visible is None else xp.logical_and(visible, edge)
     return scores, visible
+
+
+def _block_bias(inp: _Inputs, plan: _Plan, rows: _Rows, s0: int, s1: int) -> Any:
+    """The bias plus ALiBi's -slope |i + shift - j| on one block (broadcastable to
+    (g, bl, n)), or None when there is neither."""
+    xp = inp.xp
+    bias = _keys_of(rows.bias, s0, s1, plan.S)
+    if rows.alibi is None:
+        return bias
+    neg_slopes, positions = rows.alibi
+    keys = xp.reshape(xp.arange(s0, s1, device=positions.device), (1, s1 - s0))
+    alibi = neg_slopes * xp.abs(positions - xp.astype(keys, positions.dtype))
+    return alibi if bias is None else bias + alibi
 
 
 def _block_mods(inp: _Inputs, plan: _Plan, rows: _Rows, s0: int, s1: int) -> ScoreMods:
@@ -545,7 +613,7 @@ def _modded_scores(inp: _Inputs, plan: _Plan, rows: _Rows, q_shift: Any, k: Any,
     xp = inp.xp
     n = s1 - s0
     scaled = _scaled_block(inp, plan, rows, k, s0, s1)
-    modded = pre_mask_scores(scaled, bias=_keys_of(rows.bias, s0, s1, plan.S),
+    modded = pre_mask_scores(scaled, bias=_block_bias(inp, plan, rows, s0, s1),
                              mods=_block_mods(inp, plan, rows, s0, s1), xp=xp)
     if tuple(modded.shape) != (rows.g, rows.bl, n):
         # A mod that broadcasts its result wider than the scores (or returns something
@@ -657,8 +725,10 @@ def _score_bound(inp: _Inputs, plan: _Plan, rows: _Rows, kh: int) -> Any:
     """(R,) upper bounds of the rows' scores (Cauchy-Schwarz), or None if there is none.
 
     |scale q_i . k_j| <= |scale| ||q_i|| max_j ||k_j|| (and <= softcap after the cap),
-    plus the largest bias entry; masks only remove scores. A score_mod leaves no bound. NaN or infinite inputs make the bound NaN or inf, which
-    never passes the test it serves, so those rows always take the checked way.
+    plus the largest bias entry (ALiBi's rise with a negative slope included); masks
+    only remove scores. A score_mod leaves no bound. NaN or infinite inputs make the
+    bound NaN or inf, which never passes the test it serves, so those rows always take
+    the checked way.
     """
     xp = inp.xp
     if inp.bias_max is None or (inp.mods is not None and inp.mods.score_mod is not None):
@@ -743,7 +813,7 @@ def _forward_item(
     region = (*b, slice(h0, h0 + g), slice(rows.l0, rows.l1))
 
     spans = key_spans(rows.l0, rows.l1, plan.S, plan.block_s, causal=plan.causal,
-                      shift=plan.shift)
+                      shift=plan.shift, low=plan.low)
     # unset: the rows without a finite score yet: True (all, no shift yet), False
     # (none) or a boolean array.
     bound = _Bound(inp, plan, rows, kh)
@@ -894,6 +964,8 @@ def blocked_attention(
     causal: bool = False,
     alignment: str = "top_left",
     diagonal_offset: int = 0,
+    window_left: int | None = None,
+    alibi_slopes: Any = None,
     return_weights: bool = False,
     block_l: int | None = None,
     block_s: int | None = None,
@@ -929,6 +1001,12 @@ def blocked_attention(
         ("top_left") or S - L ("bottom_right"); key blocks no row of a query block may
         attend are skipped. A window's right edge is the causal diagonal moved by
         ``diagonal_offset``.
+    window_left
+        None, or a window's left edge: query i may attend keys j >= i + shift - window_left
+        (shift the alignment's); key blocks below every row's edge are skipped.
+    alibi_slopes
+        None, or (..., H) slopes (broadcastable to the batch dims and H): each block
+        adds -slope |i + shift - j| after the bias, computed per block.
     return_weights
         Also return the (..., H, L, S) probabilities. They need L x S memory anyway;
         they are filled in block by block from each row's final max and sum.
@@ -947,7 +1025,7 @@ def blocked_attention(
         ``out`` (..., H, L, Ev), ``lse`` (..., H, L), ``weights`` or None.
     """
     plan = _make_plan(q, k, v, causal=causal, alignment=alignment,
-                      diagonal_offset=diagonal_offset, block_l=block_l,
+                      diagonal_offset=diagonal_offset, window_left=window_left, block_l=block_l,
                       block_s=block_s)
     batch, H, L, S, Ev = plan.batch, plan.H, plan.L, plan.S, plan.Ev
     dtype, device = q.dtype, q.device
@@ -964,10 +1042,10 @@ def blocked_attention(
         )
     # The shift is folded into the products wherever a query block sees more than one
     # key span, or a masked one (see _forward_item).
-    augment = causal or S > plan.block_s
+    augment = causal or plan.low is not None or S > plan.block_s
     inp = _prepare_inputs(q, k, v, scale=scale, bias=bias, allowed=allowed, keep=keep,
                           dropout_p=dropout_p, masked_rows=masked_rows, plan=plan,
-                          augment=augment, mods=mods, xp=xp)
+                          augment=augment, mods=mods, alibi_slopes=alibi_slopes, xp=xp)
     res = DirectResult(
         out=xp.empty((*batch, H, L, Ev), dtype=dtype, device=device),
         lse=xp.empty((*batch, H, L), dtype=dtype, device=device), weights=weights,
@@ -1067,7 +1145,7 @@ def _weights_and_dscores(
     # as the direct backward applies it; the scaled scores are recomputed for the slopes.
     g, bl, n = rows.g, rows.bl, s1 - s0
     mod_slope, cap_slope = score_slopes(
-        _scaled_block(inp, plan, rows, k, s0, s1), bias=_keys_of(rows.bias, s0, s1, plan.S),
+        _scaled_block(inp, plan, rows, k, s0, s1), bias=_block_bias(inp, plan, rows, s0, s1),
         mods=_block_mods(inp, plan, rows, s0, s1), xp=xp)
     ds3 = xp.reshape(ds, (g, bl, n))
     zero = xp.asarray(0.0, dtype=ds.dtype, device=ds.device)
@@ -1104,7 +1182,7 @@ def _backward_item(
         db_index = _unit_region(target, b, plan, heads, c0, c1)
         db = xp.zeros(tuple(target[db_index].shape), dtype=dtype, device=device)
     blocks = query_blocks(c0, c1, plan.L, plan.block_l, causal=plan.causal, shift=plan.shift,
-                          skip=plan.skip)
+                          skip=plan.skip, low=plan.low)
     for h0 in range(heads.start, heads.stop, plan.group):
         kh, vh = h0 // plan.heads_per_k, h0 // plan.heads_per_v
         k = inp.k[(*_batch_index(inp.k, b), kh, ...)]
@@ -1115,7 +1193,8 @@ def _backward_item(
             g, bl = rows.g, rows.bl
             dq_rows = xp.zeros((rows.R, E), dtype=dtype, device=device)
             for span in key_spans(blk.start, blk.stop, plan.S, plan.block_s,
-                                  causal=plan.causal, shift=plan.shift, skip=plan.skip):
+                                  causal=plan.causal, shift=plan.shift, skip=plan.skip,
+                                  low=plan.low):
                 s0, s1 = max(span.start, c0), min(span.stop, c1)
                 if s0 >= s1:
                     continue
@@ -1188,6 +1267,8 @@ def blocked_attention_backward(
     causal: bool = False,
     alignment: str = "top_left",
     diagonal_offset: int = 0,
+    window_left: int | None = None,
+    alibi_slopes: Any = None,
     block_l: int | None = None,
     block_s: int | None = None,
     num_threads: int = 1,
@@ -1204,8 +1285,8 @@ def blocked_attention_backward(
     grad_out
         (..., H, L, Ev) gradient of the output, in the compute dtype.
     q, k, v, scale, bias, allowed, keep, dropout_p, masked_rows, causal, alignment,
-    diagonal_offset
-        As for ``blocked_attention``.
+    diagonal_offset, window_left, alibi_slopes
+        As for ``blocked_attention``; no gradient flows to the slopes.
     out, lse
         The forward output (..., H, L, Ev) and LSE (..., H, L; leading dims may be 1 or
         absent), or None to compute them with ``blocked_attention`` first.
@@ -1220,7 +1301,7 @@ def blocked_attention_backward(
         bias is None).
     """
     plan = _make_plan(q, k, v, causal=causal, alignment=alignment,
-                      diagonal_offset=diagonal_offset, block_l=block_l,
+                      diagonal_offset=diagonal_offset, window_left=window_left, block_l=block_l,
                       block_s=block_s, backward=True)
     dtype, device = q.dtype, q.device
     n = plan.ndim
@@ -1247,7 +1328,8 @@ def blocked_attention_backward(
         fwd = blocked_attention(
             q, k, v, scale=scale, bias=bias, allowed=allowed, keep=keep, dropout_p=dropout_p,
             masked_rows=masked_rows, causal=causal, alignment=alignment,
-            diagonal_offset=diagonal_offset, block_l=block_l,
+            diagonal_offset=diagonal_offset, window_left=window_left,
+            alibi_slopes=alibi_slopes, block_l=block_l,
             block_s=block_s, num_threads=num_threads, mods=mods, xp=xp,
         )
         out = fwd.out if out is None else out
@@ -1258,7 +1340,7 @@ def blocked_attention_backward(
         plan = replace(plan, skip=False)
     inp = _prepare_inputs(q, k, v, scale=scale, bias=bias, allowed=allowed, keep=keep,
                           dropout_p=dropout_p, masked_rows=masked_rows, plan=plan,
-                          augment=True, mods=mods, xp=xp)
+                          augment=True, mods=mods, alibi_slopes=alibi_slopes, xp=xp)
     saved = _Saved(
         grad_out=_pad_rank(grad_out, n, xp), lse=_pad_rank(lse, n - 1, xp),
         D=_pad_rank(xp.vecdot(grad_out, out), n - 1, xp),
