@@ -412,11 +412,13 @@ class _Inputs:
     keep: Any
     k_norm: Any  # (..., K): max_j ||k_j||
     bias_max: float | None  # the largest bias entry; None when it is NaN or +inf
+    bias_min: float  # the smallest bias entry (ALiBi included), -inf when unbounded
     triangles: Any  # _CausalMasks when causal, else None
     dropout_p: float
     masked_rows: str
     Ev: int
     mods: ScoreMods | None  # softcap and score_mod, applied per block (None: neither)
+    zero_shift: bool  # every row's scores are known small enough to need no shift
     batch: tuple[int, ...]  # the broadcast batch shape, for the score_mod's flat b index
     xp: Any
 
@@ -431,8 +433,8 @@ def _ones_appended(x: Any, xp: Any) -> Any:
 
 def _prepare_inputs(
     q: Any, k: Any, v: Any, *, scale: float, bias: Any, allowed: Any, keep: Any,
-    dropout_p: float, masked_rows: str, plan: _Plan, augment: bool, mods: ScoreMods | None,
-    alibi_slopes: Any = None, xp: Any,
+    dropout_p: float, masked_rows: str, plan: _Plan, augment_k: bool, augment_v: bool,
+    mods: ScoreMods | None, alibi_slopes: Any = None, xp: Any,
 ) -> _Inputs:
     n = plan.ndim
     kp, vp = _pad_rank(k, n, xp), _pad_rank(v, n, xp)
@@ -440,13 +442,15 @@ def _prepare_inputs(
     # so the shift of the online softmax comes out of the product instead of a pass
     # over the scores. V with a column of ones gives the row sums of the weights out of
     # the P @ V product (without dropout, where the sum runs over the same weights), and
-    # [dO, -D] times its transpose gives dP - D in the backward. A forward whose every
-    # query block sees one unmasked key span has no shift to fold (``augment`` False:
-    # it takes exact row maxima), and K is used as it is.
-    kp_used = _ones_appended(kp, xp) if augment else kp
+    # [dO, -D] times its transpose gives dP - D in the backward. The copies are made
+    # here only where the caller asks (see blocked_attention); the backward makes them
+    # per work item, in parallel (``_augmented_keys``).
+    kp_used = _ones_appended(kp, xp) if augment_k else kp
     bias_max: float | None = 0.0
+    bias_min = 0.0
     if bias is not None:
         bias_max = float(xp.max(bias)) if math.prod(bias.shape) else 0.0
+        bias_min = float(xp.min(bias)) if math.prod(bias.shape) else 0.0
         if not bias_max < math.inf:  # NaN or +inf: no bound on the scores
             bias_max = None
     alibi = None
@@ -454,20 +458,24 @@ def _prepare_inputs(
         alibi = _pad_rank(alibi_slopes, n - 2, xp)
         # -slope * distance is <= 0 for slopes >= 0; a negative slope makes it positive,
         # up to |slope| (L + S).
-        rise = max(0.0, -float(xp.min(alibi_slopes))) * (plan.L + plan.S) \
-            if math.prod(alibi_slopes.shape) else 0.0
+        sized = math.prod(alibi_slopes.shape) > 0
+        rise = max(0.0, -float(xp.min(alibi_slopes))) * (plan.L + plan.S) if sized else 0.0
+        fall = max(0.0, float(xp.max(alibi_slopes))) * (plan.L + plan.S) if sized else 0.0
         if bias_max is not None:
             bias_max = bias_max + rise if rise < math.inf else None
+        bias_min = bias_min - fall if fall < math.inf else -math.inf
     return _Inputs(
-        q=_pad_rank(q, n, xp), scale=scale, k=kp_used, v=_ones_appended(vp, xp),
+        q=_pad_rank(q, n, xp), scale=scale, k=kp_used,
+        v=_ones_appended(vp, xp) if augment_v else vp,
         bias=_pad_rank(bias, n, xp), alibi=alibi, allowed=_pad_rank(allowed, n, xp),
         keep=_pad_rank(keep, n, xp), k_norm=xp.sqrt(xp.max(xp.vecdot(kp, kp), axis=-1)),
-        bias_max=bias_max,
+        bias_max=bias_max, bias_min=bias_min if bias_min == bias_min else -math.inf,
         # The cached triangles cover the causal diagonal alone, not a window's lower edge.
         triangles=_CausalMasks(plan, xp, q.dtype, q.device)
         if plan.causal and plan.low is None else None,
         dropout_p=dropout_p, masked_rows=masked_rows, Ev=plan.Ev,
-        mods=mods if mods is not None and mods.active else None, batch=plan.batch, xp=xp,
+        mods=mods if mods is not None and mods.active else None, zero_shift=False,
+        batch=plan.batch, xp=xp,
     )
 
 
@@ -505,7 +513,9 @@ def _rows(inp: _Inputs, plan: _Plan, b: tuple[int, ...], h0: int, l0: int, l1: i
     # over the scores; it rounds each q entry once more (relative u), which the dot
     # product's own bound already covers.
     q = q * inp.scale
-    index = xp.reshape(xp.arange(l0, l1, device=q.device), (l1 - l0, 1))
+    index = None
+    if plan.causal or plan.low is not None or inp.alibi is not None:
+        index = xp.reshape(xp.arange(l0, l1, device=q.device), (l1 - l0, 1))
     positions = index + plan.shift if plan.causal else None
     lows = index + plan.low if plan.low is not None else None
     alibi = None
@@ -721,14 +731,14 @@ def _fill_value(masked_rows: str, S: int) -> float:
 # --- forward ----------------------------------------------------------------------------
 
 
-def _score_bound(inp: _Inputs, plan: _Plan, rows: _Rows, kh: int) -> Any:
-    """(R,) upper bounds of the rows' scores (Cauchy-Schwarz), or None if there is none.
+def _score_bounds(inp: _Inputs, plan: _Plan, rows: _Rows, kh: int) -> tuple[Any, Any] | None:
+    """(R,) upper and lower bounds of the rows' scores, or None if there are none.
 
-    |scale q_i . k_j| <= |scale| ||q_i|| max_j ||k_j|| (and <= softcap after the cap),
-    plus the largest bias entry (ALiBi's rise with a negative slope included); masks
-    only remove scores. A score_mod leaves no bound. NaN or infinite inputs make the
-    bound NaN or inf, which never passes the test it serves, so those rows always take
-    the checked way.
+    |scale q_i . k_j| <= |scale| ||q_i|| max_j ||k_j|| (Cauchy-Schwarz; and <= softcap
+    after the cap), plus the largest (smallest) bias entry, ALiBi's rise with a negative
+    slope (fall with a positive one) included; masks only remove scores. A score_mod
+    leaves no bound. NaN or infinite inputs make the bounds NaN or infinite, which never
+    pass the tests they serve, so those rows always take the checked way.
     """
     xp = inp.xp
     if inp.bias_max is None or (inp.mods is not None and inp.mods.score_mod is not None):
@@ -741,23 +751,76 @@ def _score_bound(inp: _Inputs, plan: _Plan, rows: _Rows, kh: int) -> Any:
         bound = xp.where(bound > inp.mods.softcap,
                          xp.asarray(inp.mods.softcap, dtype=bound.dtype, device=bound.device),
                          bound)
-    return bound + inp.bias_max
+    return bound + inp.bias_max, inp.bias_min - bound
 
 
 class _Bound:
-    """The rows' score bound (``_score_bound``), computed on first use."""
+    """The rows' score bounds (``_score_bounds``), computed on first use."""
 
     def __init__(self, inp: _Inputs, plan: _Plan, rows: _Rows, kh: int) -> None:
         self._args = (inp, plan, rows, kh)
-        self._bound: Any = None
+        self._bounds: Any = None
         self._known = False
+
+    def _get(self) -> Any:
+        if not self._known:
+            self._bounds, self._known = _score_bounds(*self._args), True
+        return self._bounds
 
     def within(self, shift: Any, limit: float) -> bool:
         """True when no score of the rows can exceed its shift by more than ``limit``."""
-        if not self._known:
-            self._bound, self._known = _score_bound(*self._args), True
+        bounds = self._get()
         inp = self._args[0]
-        return self._bound is not None and bool(inp.xp.all(self._bound - shift <= limit))
+        return bounds is not None and bool(inp.xp.all(bounds[0] - shift <= limit))
+
+    def narrow(self, upper: float, lower: float) -> bool:
+        """True when every score of the rows lies in [lower, upper].
+
+        Decided on the largest row norm alone (every row passes if that one does), in
+        three array calls: this runs once per work item on every forward.
+        """
+        inp, plan, rows, kh = self._args
+        xp = inp.xp
+        if inp.bias_max is None or (inp.mods is not None and inp.mods.score_mod is not None):
+            return False
+        k_norm = float(inp.k_norm[(*_batch_index(inp.k_norm, rows.b), kh)])
+        cs = math.sqrt(float(xp.max(xp.vecdot(rows.q, rows.q)))) * k_norm if rows.R else 0.0
+        if not math.isfinite(cs):
+            return False  # non-finite inputs: the checked way, whatever the cap
+        if inp.mods is not None and inp.mods.softcap is not None:
+            cs = min(cs, inp.mods.softcap)
+        return cs + inp.bias_max <= upper and inp.bias_min - cs >= lower
+
+
+def _shift_free_range(dtype: Any, S: int, xp: Any) -> tuple[float, float]:
+    """[lower, upper] scores may span for the forward to take no shift at all: exp of
+    the upper end times S stays below the largest float, exp of the lower end is a
+    normal number far from underflow (e^-354 in float64, e^-43 in float32), so that
+    terms below it that underflow are negligible next to each row's largest."""
+    top = math.log(float(xp.finfo(dtype).max)) - 1.0
+    return top - math.log(max(S, 1)), -top / 2
+
+
+def _zero_shift_everywhere(inp: _Inputs, plan: _Plan) -> bool:
+    """True when every score of the problem lies well inside ``_shift_free_range``.
+
+    One bound for all rows, max_i |scale| ||q_i|| max_j ||k_j|| (capped by softcap) plus
+    the bias range, with a margin of 1 that covers the rounding of the per-item bounds
+    (``_Bound.narrow``), so that every item then takes no shift either.
+    """
+    xp = inp.xp
+    if inp.bias_max is None or (inp.mods is not None and inp.mods.score_mod is not None):
+        return False
+    if plan.L == 0 or plan.S == 0:
+        return False
+    q_norm = math.sqrt(float(xp.max(xp.vecdot(inp.q, inp.q)))) * abs(inp.scale)
+    cs = q_norm * float(xp.max(inp.k_norm))
+    if not math.isfinite(cs):
+        return False
+    if inp.mods is not None and inp.mods.softcap is not None:
+        cs = min(cs, inp.mods.softcap)
+    upper, lower = _shift_free_range(inp.q.dtype, plan.S, xp)
+    return cs + inp.bias_max <= upper - 1.0 and inp.bias_min - cs >= lower + 1.0
 
 
 def _initial_shift(
@@ -794,7 +857,9 @@ def _forward_item(
     neither a max pass nor a rescaling: the shift comes out of the product with
     [K, 1]^T, and the row sums out of the product with [V, 1]. A single key block takes
     its exact row maxima instead (one pass, fewer array calls than the sample), unless
-    the causal mask crosses it.
+    the causal mask crosses it. And when the bounds keep every score within a few
+    hundred of 0 (the usual case), no shift is needed at all: exp(s) neither overflows
+    nor underflows there, and the weights exp(s) / sum are the same ratios.
     """
     xp = inp.xp
     b, grp, l0 = item
@@ -807,8 +872,9 @@ def _forward_item(
     dtype, device = rows.q.dtype, rows.q.device
     zero = xp.asarray(0.0, dtype=dtype, device=device)
     drop_all = inp.keep is not None and inp.dropout_p >= 1.0
-    # Without dropout, V's column of ones makes the last column of acc the row sums.
-    sums_in_product = inp.keep is None
+    # Without dropout, V's column of ones (when it has one) makes the last column of
+    # acc the row sums.
+    sums_in_product = inp.keep is None and v.shape[-1] == Ev + 1
     v_used = v if sums_in_product else v[:, :Ev]
     region = (*b, slice(h0, h0 + g), slice(rows.l0, rows.l1))
 
@@ -818,11 +884,19 @@ def _forward_item(
     # (none) or a boolean array.
     bound = _Bound(inp, plan, rows, kh)
     shift, unset, safe = None, True, False
-    if len(spans) > 1 or (spans and spans[0].masked):
-        shift, unset, safe = _initial_shift(inp, plan, rows, k, spans[0], bound)
-    q_shift = rows.q if shift is None else _with_shift(inp, rows, shift)
-    acc = total = None
     exp_limit = math.log(float(xp.finfo(dtype).max)) - 1.0  # exp overflows above
+    if spans and (inp.zero_shift or bound.narrow(*_shift_free_range(dtype, plan.S, xp))):
+        # Every score is small enough that the plain exp(s) cannot overflow, nor can a
+        # row's sum of S of them, and large enough that each row's largest term is a
+        # normal number (>= e^-354 in float64): no shift at all, no max pass, no
+        # rescaling. Rows with no visible key end with a sum of 0 (``unset`` stays True).
+        shift, safe = xp.zeros((R,), dtype=dtype, device=device), True
+        q_shift = rows.q
+    else:
+        if len(spans) > 1 or (spans and spans[0].masked):
+            shift, unset, safe = _initial_shift(inp, plan, rows, k, spans[0], bound)
+        q_shift = rows.q if shift is None else _with_shift(inp, rows, shift)
+    acc = total = None
     for index, span in enumerate(spans):
         s0, s1 = span.start, span.stop
         if safe:
@@ -1040,12 +1114,25 @@ def blocked_attention(
             lse=xp.full((*batch, H, L), -xp.inf, dtype=dtype, device=device),
             weights=weights,
         )
-    # The shift is folded into the products wherever a query block sees more than one
-    # key span, or a masked one (see _forward_item).
-    augment = causal or plan.low is not None or S > plan.block_s
     inp = _prepare_inputs(q, k, v, scale=scale, bias=bias, allowed=allowed, keep=keep,
                           dropout_p=dropout_p, masked_rows=masked_rows, plan=plan,
-                          augment=augment, mods=mods, alibi_slopes=alibi_slopes, xp=xp)
+                          augment_k=False, augment_v=False, mods=mods,
+                          alibi_slopes=alibi_slopes, xp=xp)
+    # A shift is folded into the products (K gets its column of ones) where a query
+    # block sees more than one key span, or a masked one, unless every row of every
+    # item can do without a shift (_forward_item): then no item needs the copy. V gets
+    # its column of ones (row sums out of P @ [V, 1]) where several query blocks share
+    # each head's keys and so amortise the copy; with a single query block per head the
+    # row sums of the blocks cost less than the serial copy.
+    need_shift = causal or plan.low is not None or S > plan.block_s
+    zero_shift = _zero_shift_everywhere(inp, plan)
+    if (need_shift and not zero_shift) or (keep is None and L > plan.block_l):
+        inp = replace(
+            inp, zero_shift=zero_shift,
+            k=_ones_appended(inp.k, xp) if need_shift and not zero_shift else inp.k,
+            v=_ones_appended(inp.v, xp) if keep is None and L > plan.block_l else inp.v)
+    else:
+        inp = replace(inp, zero_shift=zero_shift)
     res = DirectResult(
         out=xp.empty((*batch, H, L, Ev), dtype=dtype, device=device),
         lse=xp.empty((*batch, H, L), dtype=dtype, device=device), weights=weights,
@@ -1061,11 +1148,13 @@ def blocked_attention(
 
 @dataclass(frozen=True)
 class _Saved:
-    """What the backward reads per row besides the inputs (rank-padded)."""
+    """What the backward reads per row besides the inputs: broadcast views (no copies)
+    of shape (..., H, L[, Ev]) over the full batch."""
 
     grad_out: Any  # (..., H, L, Ev)
+    out: Any  # (..., H, L, Ev)
     lse: Any  # (..., H, L)
-    D: Any  # (..., H, L): rowsum(dO * O)
+    any_masked: bool  # some row is fully masked (lse = -inf)
 
 
 @dataclass
@@ -1081,36 +1170,64 @@ class _RowGrads:
     no_overflow: bool  # no exponent S - lse can overflow (see _exp_scores)
 
 
+def _with_column(xp: Any, x: Any, column: Any) -> Any:
+    """A new (R, w + 1) array: ``x`` (R, w) and ``column`` (R, 1) side by side."""
+    out = xp.empty((x.shape[0], x.shape[1] + 1), dtype=x.dtype, device=x.device)
+    out[:, :-1] = x
+    out[:, -1:] = column
+    return out
+
+
 def _row_grads(
     inp: _Inputs, plan: _Plan, saved: _Saved, rows: _Rows, kh: int
 ) -> _RowGrads:
+    """The rows' [q, -lse], [dO, -D] and checks, in a dozen array calls: this runs per
+    (work item, query block), in parallel, on rows already sliced."""
     xp = inp.xp
     R = rows.R
 
     def per_row(x: Any, width: int) -> Any:
-        idx = (*_region(x, rows.b, plan, rows.h0, rows.l0, rows.l1), ...)
-        part = x[idx]
-        # Leading dims the saved array lacks broadcast; a (g, bl) block is contiguous
-        # after this reshape whether or not the heads were sliced.
-        part = xp.broadcast_to(part, (rows.g, rows.bl, *part.shape[2:]))
+        # A (g, bl) block is contiguous after this reshape (a copy when it has to be).
+        part = x[(*rows.b, slice(rows.h0, rows.h0 + rows.g), slice(rows.l0, rows.l1), ...)]
         return xp.reshape(part, (R, width))
 
     lse = per_row(saved.lse, 1)
-    masked = lse == -xp.inf
-    if bool(xp.any(masked)):
-        lse = xp.where(masked, xp.asarray(0.0, dtype=lse.dtype, device=lse.device), lse)
-    else:
-        masked = None
-    grad_out, D = per_row(saved.grad_out, plan.Ev), per_row(saved.D, 1)
-    # exp overflows above log(max float); stay 1 below it.
-    limit = math.log(float(xp.finfo(lse.dtype).max)) - 1.0
+    masked = None
+    if saved.any_masked:
+        masked = lse == -xp.inf
+        if bool(xp.any(masked)):
+            lse = xp.where(masked, xp.asarray(0.0, dtype=lse.dtype, device=lse.device), lse)
+        else:
+            masked = None
+    grad_out = per_row(saved.grad_out, plan.Ev)
+    D = xp.reshape(xp.vecdot(grad_out, per_row(saved.out, plan.Ev)), (R, 1))
+    # No exponent S - lse overflows when the rows' largest score bound minus their
+    # smallest lse stays below log(max float) - 1 (one conservative check for the block).
+    no_overflow = False
+    if inp.bias_max is not None and (inp.mods is None or inp.mods.score_mod is None) and R:
+        k_norm = float(inp.k_norm[(*_batch_index(inp.k_norm, rows.b), kh)])
+        cs = math.sqrt(float(xp.max(xp.vecdot(rows.q, rows.q)))) * k_norm
+        if inp.mods is not None and inp.mods.softcap is not None and math.isfinite(cs):
+            cs = min(cs, inp.mods.softcap)
+        limit = math.log(float(xp.finfo(lse.dtype).max)) - 1.0
+        no_overflow = cs + inp.bias_max - float(xp.min(lse)) <= limit
     # As in the forward, the shifts come out of the products: [q, -lse] [K, 1]^T is
     # S - lse and [dO, -D] [V, 1]^T is dP - D.
     return _RowGrads(
-        rows=rows, grad_out=grad_out, q_shift=_with_shift(inp, rows, lse),
-        out_shift=xp.concat([grad_out, -D], axis=1), D=D, masked=masked,
-        no_overflow=_Bound(inp, plan, rows, kh).within(xp.reshape(lse, (rows.R,)), limit),
+        rows=rows, grad_out=grad_out, q_shift=_with_column(xp, rows.q, -lse),
+        out_shift=_with_column(xp, grad_out, -D), D=D, masked=masked,
+        no_overflow=no_overflow,
     )
+
+
+def _augmented_keys(xp: Any, x: Any, c0: int, c1: int) -> Any:
+    """``x`` (S, w) with a column of ones, for keys [c0, c1) only, indexed by absolute key
+    position: rows before c0 are allocated but never written nor read (a work item
+    reads only its chunk's keys), so the copy is the chunk's alone."""
+    out = xp.empty((c1, x.shape[-1] + 1), dtype=x.dtype, device=x.device)
+    out[c0:c1, :-1] = x[c0:c1, :]
+    out[c0:c1, -1] = 1.0
+    return out
 
 
 def _weights_and_dscores(
@@ -1183,10 +1300,18 @@ def _backward_item(
         db = xp.zeros(tuple(target[db_index].shape), dtype=dtype, device=device)
     blocks = query_blocks(c0, c1, plan.L, plan.block_l, causal=plan.causal, shift=plan.shift,
                           skip=plan.skip, low=plan.low)
+    augmented: dict[tuple[str, int], Any] = {}
     for h0 in range(heads.start, heads.stop, plan.group):
         kh, vh = h0 // plan.heads_per_k, h0 // plan.heads_per_v
-        k = inp.k[(*_batch_index(inp.k, b), kh, ...)]
-        v = inp.v[(*_batch_index(inp.v, b), vh, ...)]
+        # K and V with their columns of ones, made here for this item's keys (in
+        # parallel), once per head of the unit.
+        if ("k", kh) not in augmented:
+            augmented["k", kh] = _augmented_keys(xp, inp.k[(*_batch_index(inp.k, b), kh, ...)],
+                                                 c0, c1)
+        if ("v", vh) not in augmented:
+            augmented["v", vh] = _augmented_keys(xp, inp.v[(*_batch_index(inp.v, b), vh, ...)],
+                                                 c0, c1)
+        k, v = augmented["k", kh], augmented["v", vh]
         for blk in blocks:
             rows = _rows(inp, plan, b, h0, blk.start, blk.stop)
             rg = _row_grads(inp, plan, saved, rows, kh)
@@ -1340,10 +1465,14 @@ def blocked_attention_backward(
         plan = replace(plan, skip=False)
     inp = _prepare_inputs(q, k, v, scale=scale, bias=bias, allowed=allowed, keep=keep,
                           dropout_p=dropout_p, masked_rows=masked_rows, plan=plan,
-                          augment=True, mods=mods, alibi_slopes=alibi_slopes, xp=xp)
+                          augment_k=False, augment_v=False, mods=mods,
+                          alibi_slopes=alibi_slopes, xp=xp)
+    rows_shape = (*plan.batch, plan.H, plan.L)
+    lse_rows = xp.broadcast_to(_pad_rank(lse, n - 1, xp), rows_shape)
     saved = _Saved(
-        grad_out=_pad_rank(grad_out, n, xp), lse=_pad_rank(lse, n - 1, xp),
-        D=_pad_rank(xp.vecdot(grad_out, out), n - 1, xp),
+        grad_out=xp.broadcast_to(_pad_rank(grad_out, n, xp), (*rows_shape, plan.Ev)),
+        out=xp.broadcast_to(_pad_rank(out, n, xp), (*rows_shape, plan.Ev)),
+        lse=lse_rows, any_masked=bool(xp.any(lse_rows == -xp.inf)),
     )
     batches = _batch_indices(plan)
 
