@@ -29,6 +29,7 @@ from typing import Any
 import array_api_compat
 
 from . import _validate
+from ._agnostic._scores import on_block_grids
 from ._namespace import library_name
 
 __all__ = [
@@ -159,6 +160,17 @@ def _flat_batch(b: Any) -> int:
 
 
 def _check_batch(name: str, rows: int, b: Any) -> None:
+    if on_block_grids():
+        # One block of the blocked path: b holds one flat batch index (the whole batch
+        # was checked once, on whole grids, before the blocks).
+        index = int(array_api_compat.array_namespace(b).max(b))
+        if index >= rows:
+            raise ValueError(
+                f"{name} has {rows} batch rows but attention asked for flat batch index "
+                f"{index}; give one row per flat batch index, or a 1-D array shared by "
+                "the batch"
+            )
+        return
     n = _flat_batch(b)
     if rows != n:
         raise ValueError(
@@ -393,14 +405,27 @@ def document_mask(doc_ids_q: Any, doc_ids_kv: Any = None) -> Mod:
 # --- score mods --------------------------------------------------------------------------
 
 
+def _check_heads(name: str, values: Any, heads: int, h: Any) -> None:
+    # The table's head count against the grid's: h is (H, 1, 1) on whole grids, one run
+    # of heads on a block of the blocked path (checked whole before the blocks).
+    if on_block_grids():
+        top = int(array_api_compat.array_namespace(h).max(h))
+        if top >= heads:
+            raise ValueError(
+                f"{name} has {heads} heads (shape {tuple(values.shape)}) but attention "
+                f"asked for head {top}"
+            )
+    elif heads != h.shape[0]:
+        raise ValueError(
+            f"{name} has {heads} heads (shape {tuple(values.shape)}) but attention has "
+            f"H={h.shape[0]} query heads"
+        )
+
+
 def _per_head(xp: Any, values: Any, b: Any, h: Any, name: str) -> Any:
     # values (H,) -> (H, 1, 1); (B, H) -> (*batch, H, 1, 1) by the flat batch index.
-    H = h.shape[0]
-    if values.shape[-1] != H:
-        raise ValueError(
-            f"{name} has {values.shape[-1]} heads (last axis of shape {tuple(values.shape)}) "
-            f"but attention has H={H} query heads"
-        )
+    H = values.shape[-1]
+    _check_heads(name, values, H, h)
     if values.ndim == 1:
         return _gather(xp, values, h)
     _check_batch(name, values.shape[0], b)
@@ -576,11 +601,7 @@ def relative_position_bias(table: Any, max_distance: int | None = None, *,
         if values.ndim == 1:
             added = _gather(xp, values, column)
         else:
-            if values.shape[0] != h.shape[0]:
-                raise ValueError(
-                    f"table has {values.shape[0]} heads (shape {tuple(values.shape)}) but "
-                    f"attention has H={h.shape[0]} query heads"
-                )
+            _check_heads("table", values, values.shape[0], h)
             added = _gather(xp, values, h * width + column)  # (H, L, S)
         return score + xp.astype(added, score.dtype)
 

@@ -325,3 +325,55 @@ def test_a_non_affine_mod_without_derivative_is_refused_by_the_blocked_backward(
     with pytest.raises(ValueError, match="needs a mod affine in the score"):
         refattn.attention_backward(np.ones((2, 5, 3)), q, k, v, score_mod=square,
                                    implementation="blocked")
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Blocks of 7 query rows x 9 keys through the front door, so that the ready-made
+    mods meet many blocks (block grids of one batch index and one run of heads)."""
+    import refattn._agnostic._blocked as blocked_module
+
+    monkeypatch.setattr(blocked_module, "choose_blocks",
+                        lambda L, S, group, backward=False: (7, 9))
+
+
+def test_ready_made_score_mods_on_the_blocked_path(backend, small_blocks):
+    from refattn import mods
+
+    rng = np.random.default_rng(11)
+    B, H, L, S, E = 3, 4, 20, 30, 5
+    q, k, v = (rng.standard_normal((B, H, n, E)) for n in (L, S, S))
+    dout = rng.standard_normal((B, H, L, E))
+    xs = [backend.asarray(x) for x in (dout, q, k, v)]
+    slopes = rng.uniform(0.1, 1.0, (B, H))
+    table = rng.standard_normal((H, 2 * 6 + 1))
+    for mod in (mods.alibi(backend.asarray(slopes)), mods.alibi(backend.asarray(slopes[0])),
+                mods.softcap(1.5), mods.relative_position_bias(backend.asarray(table), 6)):
+        want = refattn.attention(*xs[1:], score_mod=mod, implementation="direct")
+        got = refattn.attention(*xs[1:], score_mod=mod, implementation="blocked")
+        # Logits below |q| |k| / sqrt(E) + 1.0 * (L + S) + 3 max|table|: about 60 here.
+        tol = 64 * (E + 2 * S) * U64 * 60 * float(np.abs(v).max())
+        _close(backend.to_numpy(got), backend.to_numpy(want), tol, "ready-made mod")
+        gw = refattn.attention_backward(*xs, score_mod=mod, implementation="direct")
+        gg = refattn.attention_backward(*xs, score_mod=mod, implementation="blocked")
+        for a, b in zip(gg[:3], gw[:3], strict=True):
+            _close(backend.to_numpy(a), backend.to_numpy(b), tol * 40, "ready-made mod grads")
+
+
+@pytest.mark.parametrize("implementation", ["direct", "blocked"])
+def test_ready_made_mods_check_their_tables_on_both_paths(small_blocks, implementation):
+    # The blocked path calls the mod once on whole grids before the blocks, so a table
+    # that does not fit the batch or the heads is refused there with the direct path's
+    # message, not on some block.
+    from refattn import mods
+
+    rng = np.random.default_rng(12)
+    q, k, v = (rng.standard_normal((3, 4, 20, 5)) for _ in range(3))
+    with pytest.raises(ValueError, match=r"slopes has 5 batch rows but attention has 3 "
+                                         r"batch elements"):
+        refattn.attention(q, k, v, score_mod=mods.alibi(rng.uniform(size=(5, 4))),
+                          implementation=implementation)
+    with pytest.raises(ValueError, match=r"table has 2 heads \(shape \(2, 5\)\) but attention "
+                                         r"has H=4 query heads"):
+        refattn.attention(q, k, v, implementation=implementation,
+                          score_mod=mods.relative_position_bias(rng.standard_normal((2, 5))))

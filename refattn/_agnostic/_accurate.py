@@ -187,7 +187,8 @@ def exp_df(xh: Any, xl: Any, *, xp: Any) -> tuple[Any, Any]:
     """
     c = _exp_constants()
     device = xh.device
-    valid = (xh > -_EXP_LIMIT) & (xh < _EXP_LIMIT)
+    # 708 itself is inside: e^708 = 3.0e307 and its power of two 2^1021 are normal.
+    valid = (xh > -_EXP_LIMIT) & (xh <= _EXP_LIMIT)
     zero = xp.asarray(0.0, dtype=xh.dtype, device=device)
     x = xp.where(valid, xh, zero)
     n = xp.round(x * c["inv_step"])

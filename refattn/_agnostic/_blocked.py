@@ -53,8 +53,8 @@ from typing import Any
 from .._validate import broadcast_shapes
 from ._backward import BackwardResult
 from ._direct import DirectResult
-from ._masks import alignment_shift
-from ._scores import ScoreMods, pre_mask_scores, score_slopes
+from ._masks import alignment_shift, index_grids
+from ._scores import ScoreMods, block_grids, pre_mask_scores, score_slopes
 
 __all__ = [
     "RESCALE_THRESHOLD",
@@ -584,12 +584,13 @@ def _block_bias(inp: _Inputs, plan: _Plan, rows: _Rows, s0: int, s1: int) -> Any
 
 
 def _block_mods(inp: _Inputs, plan: _Plan, rows: _Rows, s0: int, s1: int) -> ScoreMods:
-    """The mods with the index grids of one (g, bl, s1 - s0) block of scores.
+    """The mods with the index grids of one block of scores, (1, ..., 1, g, bl, n) with
+    a 1 for each batch dim (the rank of the direct path's scores).
 
     The grids are the direct path's grids cut to the block: b the flat batch index
-    (1, 1, 1), h (g, 1, 1), q_idx (bl, 1), kv_idx (1, n). A score_mod built from
-    elementwise operations on its arguments (FlexAttention's contract) gives on each
-    block what it gives on the block's part of the whole array.
+    (1, ..., 1, 1, 1, 1), h (g, 1, 1), q_idx (bl, 1), kv_idx (1, n). A score_mod built
+    from elementwise operations on its arguments (FlexAttention's contract) gives on
+    each block what it gives on the block's part of the whole array.
     """
     assert inp.mods is not None
     if inp.mods.score_mod is None:
@@ -599,7 +600,7 @@ def _block_mods(inp: _Inputs, plan: _Plan, rows: _Rows, s0: int, s1: int) -> Sco
     for index, size in zip(rows.b, inp.batch, strict=True):
         flat = flat * size + index
     grids = (
-        xp.full((1, 1, 1), flat, dtype=xp.int64, device=device),
+        xp.full((1,) * len(inp.batch) + (1, 1, 1), flat, dtype=xp.int64, device=device),
         xp.reshape(xp.arange(rows.h0, rows.h0 + rows.g, device=device), (rows.g, 1, 1)),
         xp.reshape(xp.arange(rows.l0, rows.l1, device=device), (rows.bl, 1)),
         xp.reshape(xp.arange(s0, s1, device=device), (1, s1 - s0)),
@@ -607,9 +608,29 @@ def _block_mods(inp: _Inputs, plan: _Plan, rows: _Rows, s0: int, s1: int) -> Sco
     return replace(inp.mods, grids=grids)
 
 
+def _probe_score_mod(mods: ScoreMods | None, plan: _Plan, q: Any, xp: Any) -> None:
+    """Call the score_mod once on every batch entry and head at one (query, key) pair.
+
+    Each block's grids hold one batch index; a mod that checks a table against the
+    whole batch (those of ``refattn.mods`` do) can only do that on a grid that spans it,
+    as the direct path's does. This call, of (..., H, 1, 1) scores, gives it one.
+    """
+    if mods is None or mods.score_mod is None or plan.L == 0 or plan.S == 0:
+        return
+    grids = index_grids(plan.batch, plan.H, 1, 1, xp=xp, device=q.device)
+    mods.score_mod(xp.zeros((*plan.batch, plan.H, 1, 1), dtype=q.dtype, device=q.device),
+                   *grids)
+
+
+def _block_shape(inp: _Inputs, rows: _Rows, n: int) -> tuple[int, ...]:
+    # A block of scores as the mods see it: (1, ..., 1, g, bl, n), one 1 per batch dim.
+    return (1,) * len(inp.batch) + (rows.g, rows.bl, n)
+
+
 def _scaled_block(inp: _Inputs, plan: _Plan, rows: _Rows, k: Any, s0: int, s1: int) -> Any:
-    """The (g, bl, n) scaled scores scale q.k of one block (rows.q is scaled already)."""
-    return inp.xp.reshape(rows.q @ k[s0:s1, :plan.E].mT, (rows.g, rows.bl, s1 - s0))
+    """The scaled scores scale q.k of one block (rows.q is scaled already), shaped
+    ``_block_shape``."""
+    return inp.xp.reshape(rows.q @ k[s0:s1, :plan.E].mT, _block_shape(inp, rows, s1 - s0))
 
 
 def _modded_scores(inp: _Inputs, plan: _Plan, rows: _Rows, q_shift: Any, k: Any, s0: int,
@@ -623,14 +644,15 @@ def _modded_scores(inp: _Inputs, plan: _Plan, rows: _Rows, q_shift: Any, k: Any,
     xp = inp.xp
     n = s1 - s0
     scaled = _scaled_block(inp, plan, rows, k, s0, s1)
-    modded = pre_mask_scores(scaled, bias=_block_bias(inp, plan, rows, s0, s1),
-                             mods=_block_mods(inp, plan, rows, s0, s1), xp=xp)
-    if tuple(modded.shape) != (rows.g, rows.bl, n):
+    with block_grids():
+        modded = pre_mask_scores(scaled, bias=_block_bias(inp, plan, rows, s0, s1),
+                                 mods=_block_mods(inp, plan, rows, s0, s1), xp=xp)
+    if tuple(modded.shape) != _block_shape(inp, rows, n):
         # A mod that broadcasts its result wider than the scores (or returns something
         # of another shape) cannot be evaluated block by block.
         raise ValueError(
             f"score_mod must return an array of its score argument's shape; on a block of "
-            f"scores of shape {(rows.g, rows.bl, n)} it returned shape "
+            f"scores of shape {_block_shape(inp, rows, n)} it returned shape "
             f"{tuple(modded.shape)} (the blocked path calls it once per block: write it "
             "elementwise in score, b, h, q_idx and kv_idx, as FlexAttention requires)"
         )
@@ -1118,6 +1140,7 @@ def blocked_attention(
                           dropout_p=dropout_p, masked_rows=masked_rows, plan=plan,
                           augment_k=False, augment_v=False, mods=mods,
                           alibi_slopes=alibi_slopes, xp=xp)
+    _probe_score_mod(mods, plan, q, xp)
     # A shift is folded into the products (K gets its column of ones) where a query
     # block sees more than one key span, or a masked one, unless every row of every
     # item can do without a shift (_forward_item): then no item needs the copy. V gets
@@ -1260,11 +1283,13 @@ def _weights_and_dscores(
         return p, ds, ds
     # The chain rule through score_mod (d bias stops there) and softcap (dQ, dK go on),
     # as the direct backward applies it; the scaled scores are recomputed for the slopes.
-    g, bl, n = rows.g, rows.bl, s1 - s0
-    mod_slope, cap_slope = score_slopes(
-        _scaled_block(inp, plan, rows, k, s0, s1), bias=_block_bias(inp, plan, rows, s0, s1),
-        mods=_block_mods(inp, plan, rows, s0, s1), xp=xp)
-    ds3 = xp.reshape(ds, (g, bl, n))
+    n = s1 - s0
+    with block_grids():
+        mod_slope, cap_slope = score_slopes(
+            _scaled_block(inp, plan, rows, k, s0, s1),
+            bias=_block_bias(inp, plan, rows, s0, s1),
+            mods=_block_mods(inp, plan, rows, s0, s1), xp=xp)
+    ds3 = xp.reshape(ds, _block_shape(inp, rows, n))
     zero = xp.asarray(0.0, dtype=ds.dtype, device=ds.device)
     # Masked entries have dS = 0 exactly; a slope undefined there must not make it NaN.
     d_biased = xp.where(ds3 == 0, zero, ds3 * mod_slope)
@@ -1467,6 +1492,7 @@ def blocked_attention_backward(
                           dropout_p=dropout_p, masked_rows=masked_rows, plan=plan,
                           augment_k=False, augment_v=False, mods=mods,
                           alibi_slopes=alibi_slopes, xp=xp)
+    _probe_score_mod(mods, plan, q, xp)
     rows_shape = (*plan.batch, plan.H, plan.L)
     lse_rows = xp.broadcast_to(_pad_rank(lse, n - 1, xp), rows_shape)
     saved = _Saved(

@@ -7,11 +7,40 @@ masks``. The direct path and its backward apply ``pre_mask_scores`` to the whole
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ScoreMods", "final_scores", "pre_mask_scores", "score_slopes"]
+__all__ = ["ScoreMods", "block_grids", "final_scores", "on_block_grids", "pre_mask_scores",
+           "score_slopes"]
+
+# Set while the blocked path evaluates a score_mod on one block's grids (per thread: the
+# blocks run on worker threads).
+_block_state = threading.local()
+
+
+@contextmanager
+def block_grids() -> Iterator[None]:
+    """Mark, on this thread, that the mods are called on one block's grids.
+
+    A block's ``b`` grid holds one flat batch index and its ``h`` grid a run of heads,
+    so a mod cannot check a table against the whole batch or every head there (the
+    blocked path does that once, on whole grids, before the blocks); ``on_block_grids``
+    tells the mods of ``refattn.mods`` to check only that their indices are in range.
+    """
+    previous = getattr(_block_state, "active", False)
+    _block_state.active = True
+    try:
+        yield
+    finally:
+        _block_state.active = previous
+
+
+def on_block_grids() -> bool:
+    """True inside ``block_grids`` on this thread."""
+    return getattr(_block_state, "active", False)
 
 
 @dataclass(frozen=True)
