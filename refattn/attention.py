@@ -6,6 +6,7 @@ compute dtype to one implementation path. It holds no arithmetic of its own.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from dataclasses import dataclass
@@ -84,7 +85,8 @@ class _Prepared:
     v: Any
     user_bias: Any  # the user's bias alone, and the ALiBi slopes: the blocked path adds
     alibi: Any  # ALiBi per block; the others read ``bias``, both folded at (..., H, L, S)
-    mask: Any  # the user's mask AND mask_mod; the positional window is kept apart (below)
+    user_mask: Any  # the user's mask; mask_mod is ANDed in by ``mask`` (on demand), and
+    mask_mod: Any  # applied per block by the blocked path; the window is kept apart
     window: tuple[int | None, int | None] | None  # causal and window merged
     alignment: str
     shift: int
@@ -97,6 +99,19 @@ class _Prepared:
     layout: str
     in_dtype: Any
     compute_dtype: Any
+
+    @functools.cached_property
+    def mask(self) -> Any:
+        """The user's mask AND mask_mod evaluated on the whole grid (the direct path's,
+        the kernels'); the blocked path takes ``user_mask`` and evaluates the mask_mod
+        per block instead."""
+        if self.mask_mod is None:
+            return self.user_mask
+        assert self.mods.grids is not None
+        modded = evaluate_mask_mod(self.mask_mod, self.mods.grids, xp=self.xp)
+        _validate.check_broadcastable("mask_mod's result", modded, self.shapes.scores,
+                                      _SHAPE_LEGEND)
+        return modded if self.user_mask is None else self.xp.logical_and(self.user_mask, modded)
 
     @property
     def bias(self) -> Any:
@@ -132,7 +147,8 @@ class _Prepared:
         at (L, S)."""
         left, right = self.window or (None, None)
         return {
-            "allowed": self.mask, "causal": right is not None, "window_left": left,
+            "allowed": self.user_mask, "mask_mod": self.mask_mod, "causal": right is not None,
+            "window_left": left,
             "alignment": self.alignment, "diagonal_offset": 0 if right is None else right,
             "bias": self.user_bias, "alibi_slopes": self.alibi,
         }
@@ -316,14 +332,9 @@ def _prepare(
     grids = None
     if score_mod is not None or mask_mod is not None:
         grids = index_grids(shapes.batch, shapes.H, shapes.L, shapes.S, xp=xp, device=device)
-    if mask_mod is not None:
-        assert grids is not None
-        modded = evaluate_mask_mod(mask_mod, grids, xp=xp)
-        _validate.check_broadcastable("mask_mod's result", modded, scores_shape, _SHAPE_LEGEND)
-        mask = modded if mask is None else xp.logical_and(mask, modded)
     return _Prepared(
         xp=xp, device=device, shapes=shapes, q=qc, k=kc, v=vc,
-        user_bias=user_bias, alibi=slopes, mask=mask,
+        user_bias=user_bias, alibi=slopes, user_mask=mask, mask_mod=mask_mod,
         window=merge_windows(causal, window_sides), alignment=alignment, shift=shift,
         mods=ScoreMods(softcap=softcap_value, score_mod=score_mod, grids=grids),
         keep=keep, keep_user=keep_user, scale=scale_value, dropout_p=p,
@@ -517,10 +528,10 @@ def attention(
         Which path computes. "cuda" runs the fused CUDA kernel on CuPy arrays (the
         options it lacks are named in an error; None uses it for CuPy inputs whose
         options it has, see docs/gpu.rst). Both array-API paths take every variant;
-        on "blocked" softcap, ALiBi and score_mod are applied block by block (score_mod
-        is called once per block with that block's index grids), a window's edges
-        skip the key blocks they hide, and only mask_mod (evaluated once) is
-        materialised at (..., H, L, S), like a mask. "direct" materialises the
+        on "blocked" softcap, ALiBi, score_mod and mask_mod are applied block by block
+        (the mods are called once per block with that block's index grids) and a
+        window's edges skip the key blocks they hide: nothing is materialised at
+        (..., H, L, S) there but the user's own mask and bias. "direct" materialises the
         (..., H, L, S) scores;
         "blocked" runs an online softmax over cache-sized blocks with extra memory
         O(block) per worker thread, skips key blocks the causal mask hides, and computes

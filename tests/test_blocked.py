@@ -885,10 +885,13 @@ def test_window_left_edge_skips_the_keys_it_hides(backend):
 
 
 def test_window_and_alibi_take_no_score_sized_memory():
-    # The left edge and ALiBi are applied per block (not materialised at (L, S)), so a
-    # window with ALiBi and softcap through the front door stays within the per-block
-    # budget of the plain blocked path at L = S = 4096, where an (L, S) float64 ALiBi
-    # alone would be 128 MiB and the window's boolean mask 16 MiB.
+    # The left edge, ALiBi and mask_mod are applied per block (not materialised at
+    # (L, S)), so a window with ALiBi, softcap and a document mask through the front door
+    # stays within the per-block budget of the plain blocked path at L = S = 4096, where
+    # an (L, S) float64 ALiBi alone would be 128 MiB and the window's or the document
+    # mask's booleans 16 MiB each.
+    from refattn import mods
+
     L = S = 4096
     E = Ev = 8
     rng = np.random.default_rng(6)
@@ -899,7 +902,8 @@ def test_window_and_alibi_take_no_score_sized_memory():
     tracemalloc.start()
     try:
         refattn.attention(q, k, v, window=(300, 0), alibi_slopes=np.array([0.25]),
-                          softcap=5.0, implementation="blocked")
+                          softcap=5.0, implementation="blocked",
+                          mask_mod=mods.document_mask(np.arange(L) // 1000))
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

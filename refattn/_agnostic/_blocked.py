@@ -53,7 +53,7 @@ from typing import Any
 from .._validate import broadcast_shapes
 from ._backward import BackwardResult
 from ._direct import DirectResult
-from ._masks import alignment_shift, index_grids
+from ._masks import alignment_shift, evaluate_mask_mod, index_grids
 from ._scores import ScoreMods, block_grids, pre_mask_scores, score_slopes
 
 __all__ = [
@@ -418,6 +418,7 @@ class _Inputs:
     masked_rows: str
     Ev: int
     mods: ScoreMods | None  # softcap and score_mod, applied per block (None: neither)
+    mask_mod: Callable[..., Any] | None  # evaluated per block, ANDed with ``allowed``
     zero_shift: bool  # every row's scores are known small enough to need no shift
     batch: tuple[int, ...]  # the broadcast batch shape, for the score_mod's flat b index
     xp: Any
@@ -434,7 +435,7 @@ def _ones_appended(x: Any, xp: Any) -> Any:
 def _prepare_inputs(
     q: Any, k: Any, v: Any, *, scale: float, bias: Any, allowed: Any, keep: Any,
     dropout_p: float, masked_rows: str, plan: _Plan, augment_k: bool, augment_v: bool,
-    mods: ScoreMods | None, alibi_slopes: Any = None, xp: Any,
+    mods: ScoreMods | None, alibi_slopes: Any = None, mask_mod: Any = None, xp: Any,
 ) -> _Inputs:
     n = plan.ndim
     kp, vp = _pad_rank(k, n, xp), _pad_rank(v, n, xp)
@@ -474,7 +475,8 @@ def _prepare_inputs(
         triangles=_CausalMasks(plan, xp, q.dtype, q.device)
         if plan.causal and plan.low is None else None,
         dropout_p=dropout_p, masked_rows=masked_rows, Ev=plan.Ev,
-        mods=mods if mods is not None and mods.active else None, zero_shift=False,
+        mods=mods if mods is not None and mods.active else None, mask_mod=mask_mod,
+        zero_shift=False,
         batch=plan.batch, xp=xp,
     )
 
@@ -552,7 +554,8 @@ def _raw_scores(
         scores = _modded_scores(inp, plan, rows, q_shift, k, s0, s1)
     else:
         scores = q_shift @ k[s0:s1, :q_shift.shape[1]].mT
-    if rows.bias is None and rows.alibi is None and rows.allowed is None and not masked:
+    if (rows.bias is None and rows.alibi is None and rows.allowed is None and not masked
+            and inp.mask_mod is None):
         return scores, None
     n = s1 - s0
     if inp.mods is None:
@@ -561,6 +564,9 @@ def _raw_scores(
             scores = xp.reshape(xp.reshape(scores, (rows.g, rows.bl, n)) + additive,
                                 (rows.R, n))
     visible = _keys_of(rows.allowed, s0, s1, plan.S)
+    if inp.mask_mod is not None:
+        modded = _block_mask(inp, rows, s0, s1)
+        visible = modded if visible is None else xp.logical_and(visible, modded)
     if masked:
         cols = xp.reshape(xp.arange(s0, s1, device=scores.device), (1, n))
         for edge in (None if rows.positions is None else cols <= rows.positions,
@@ -595,31 +601,63 @@ def _block_mods(inp: _Inputs, plan: _Plan, rows: _Rows, s0: int, s1: int) -> Sco
     assert inp.mods is not None
     if inp.mods.score_mod is None:
         return inp.mods
+    return replace(inp.mods, grids=_block_grids(inp, rows, s0, s1))
+
+
+def _block_grids(inp: _Inputs, rows: _Rows, s0: int, s1: int) -> tuple[Any, Any, Any, Any]:
+    """(b, h, q_idx, kv_idx) of one block (see ``_block_mods``)."""
     xp, device = inp.xp, rows.q.device
     flat = 0
     for index, size in zip(rows.b, inp.batch, strict=True):
         flat = flat * size + index
-    grids = (
+    return (
         xp.full((1,) * len(inp.batch) + (1, 1, 1), flat, dtype=xp.int64, device=device),
         xp.reshape(xp.arange(rows.h0, rows.h0 + rows.g, device=device), (rows.g, 1, 1)),
         xp.reshape(xp.arange(rows.l0, rows.l1, device=device), (rows.bl, 1)),
         xp.reshape(xp.arange(s0, s1, device=device), (1, s1 - s0)),
     )
-    return replace(inp.mods, grids=grids)
 
 
-def _probe_score_mod(mods: ScoreMods | None, plan: _Plan, q: Any, xp: Any) -> None:
-    """Call the score_mod once on every batch entry and head at one (query, key) pair.
+def _block_mask(inp: _Inputs, rows: _Rows, s0: int, s1: int) -> Any:
+    """The mask_mod on one block's grids, as a (g, bl, n) boolean array."""
+    xp = inp.xp
+    assert inp.mask_mod is not None
+    with block_grids():
+        allowed = inp.mask_mod(*_block_grids(inp, rows, s0, s1))
+    dtype = getattr(allowed, "dtype", None)
+    if dtype is None or not xp.isdtype(dtype, "bool"):
+        raise TypeError(
+            "mask_mod must return a boolean array (True = take part) from array operations "
+            f"on its index arguments; got {type(allowed).__name__} with dtype {dtype}"
+        )
+    shape = _block_shape(inp, rows, s1 - s0)
+    try:
+        allowed = xp.broadcast_to(allowed, shape)
+    except (ValueError, RuntimeError) as error:
+        raise ValueError(
+            f"mask_mod's result must broadcast to its block of scores; on a block of shape "
+            f"{shape} it returned shape {tuple(allowed.shape)} (the blocked path calls it "
+            "once per block: write it elementwise in b, h, q_idx and kv_idx)"
+        ) from error
+    return xp.reshape(allowed, (rows.g, rows.bl, s1 - s0))
+
+
+def _probe_mods(mods: ScoreMods | None, mask_mod: Any, plan: _Plan, q: Any, xp: Any) -> None:
+    """Call the score_mod and the mask_mod once on every batch entry and head at one
+    (query, key) pair.
 
     Each block's grids hold one batch index; a mod that checks a table against the
     whole batch (those of ``refattn.mods`` do) can only do that on a grid that spans it,
     as the direct path's does. This call, of (..., H, 1, 1) scores, gives it one.
     """
-    if mods is None or mods.score_mod is None or plan.L == 0 or plan.S == 0:
+    if plan.L == 0 or plan.S == 0:
         return
     grids = index_grids(plan.batch, plan.H, 1, 1, xp=xp, device=q.device)
-    mods.score_mod(xp.zeros((*plan.batch, plan.H, 1, 1), dtype=q.dtype, device=q.device),
-                   *grids)
+    if mods is not None and mods.score_mod is not None:
+        mods.score_mod(xp.zeros((*plan.batch, plan.H, 1, 1), dtype=q.dtype, device=q.device),
+                       *grids)
+    if mask_mod is not None:
+        evaluate_mask_mod(mask_mod, grids, xp=xp)
 
 
 def _block_shape(inp: _Inputs, rows: _Rows, n: int) -> tuple[int, ...]:
@@ -725,7 +763,7 @@ def _exp_scores(
     xp = inp.xp
     if not no_overflow:
         return xp.exp(_scores(inp, plan, rows, q_shift, k, s0, s1, masked))
-    if masked and rows.allowed is None and inp.triangles is not None:
+    if masked and rows.allowed is None and inp.mask_mod is None and inp.triangles is not None:
         scores, _ = _raw_scores(inp, plan, rows, q_shift, k, s0, s1, False)
         p = xp.exp(scores)
         p *= inp.triangles.get(rows, s0, s1)
@@ -1062,6 +1100,7 @@ def blocked_attention(
     diagonal_offset: int = 0,
     window_left: int | None = None,
     alibi_slopes: Any = None,
+    mask_mod: Any = None,
     return_weights: bool = False,
     block_l: int | None = None,
     block_s: int | None = None,
@@ -1103,6 +1142,9 @@ def blocked_attention(
     alibi_slopes
         None, or (..., H) slopes (broadcastable to the batch dims and H): each block
         adds -slope |i + shift - j| after the bias, computed per block.
+    mask_mod
+        None, or FlexAttention's ``mask_mod(b, h, q_idx, kv_idx)``, evaluated per block
+        on the block's grids and ANDed with ``allowed``.
     return_weights
         Also return the (..., H, L, S) probabilities. They need L x S memory anyway;
         they are filled in block by block from each row's final max and sum.
@@ -1139,8 +1181,8 @@ def blocked_attention(
     inp = _prepare_inputs(q, k, v, scale=scale, bias=bias, allowed=allowed, keep=keep,
                           dropout_p=dropout_p, masked_rows=masked_rows, plan=plan,
                           augment_k=False, augment_v=False, mods=mods,
-                          alibi_slopes=alibi_slopes, xp=xp)
-    _probe_score_mod(mods, plan, q, xp)
+                          alibi_slopes=alibi_slopes, mask_mod=mask_mod, xp=xp)
+    _probe_mods(mods, mask_mod, plan, q, xp)
     # A shift is folded into the products (K gets its column of ones) where a query
     # block sees more than one key span, or a masked one, unless every row of every
     # item can do without a shift (_forward_item): then no item needs the copy. V gets
@@ -1419,6 +1461,7 @@ def blocked_attention_backward(
     diagonal_offset: int = 0,
     window_left: int | None = None,
     alibi_slopes: Any = None,
+    mask_mod: Any = None,
     block_l: int | None = None,
     block_s: int | None = None,
     num_threads: int = 1,
@@ -1435,7 +1478,7 @@ def blocked_attention_backward(
     grad_out
         (..., H, L, Ev) gradient of the output, in the compute dtype.
     q, k, v, scale, bias, allowed, keep, dropout_p, masked_rows, causal, alignment,
-    diagonal_offset, window_left, alibi_slopes
+    diagonal_offset, window_left, alibi_slopes, mask_mod
         As for ``blocked_attention``; no gradient flows to the slopes.
     out, lse
         The forward output (..., H, L, Ev) and LSE (..., H, L; leading dims may be 1 or
@@ -1479,7 +1522,7 @@ def blocked_attention_backward(
             q, k, v, scale=scale, bias=bias, allowed=allowed, keep=keep, dropout_p=dropout_p,
             masked_rows=masked_rows, causal=causal, alignment=alignment,
             diagonal_offset=diagonal_offset, window_left=window_left,
-            alibi_slopes=alibi_slopes, block_l=block_l,
+            alibi_slopes=alibi_slopes, mask_mod=mask_mod, block_l=block_l,
             block_s=block_s, num_threads=num_threads, mods=mods, xp=xp,
         )
         out = fwd.out if out is None else out
@@ -1491,8 +1534,8 @@ def blocked_attention_backward(
     inp = _prepare_inputs(q, k, v, scale=scale, bias=bias, allowed=allowed, keep=keep,
                           dropout_p=dropout_p, masked_rows=masked_rows, plan=plan,
                           augment_k=False, augment_v=False, mods=mods,
-                          alibi_slopes=alibi_slopes, xp=xp)
-    _probe_score_mod(mods, plan, q, xp)
+                          alibi_slopes=alibi_slopes, mask_mod=mask_mod, xp=xp)
+    _probe_mods(mods, mask_mod, plan, q, xp)
     rows_shape = (*plan.batch, plan.H, plan.L)
     lse_rows = xp.broadcast_to(_pad_rank(lse, n - 1, xp), rows_shape)
     saved = _Saved(
