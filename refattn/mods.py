@@ -159,17 +159,17 @@ def _flat_batch(b: Any) -> int:
     return math.prod(b.shape)
 
 
+def _check_block_index(grid: Any, size: int, what: str) -> None:
+    # On one block of the blocked path a grid holds some of the indices only (the whole
+    # grids were checked once before the blocks): those must be within the table.
+    top = int(array_api_compat.array_namespace(grid).max(grid))
+    if top >= size:
+        raise ValueError(f"{what} but attention asked for index {top} on that axis")
+
+
 def _check_batch(name: str, rows: int, b: Any) -> None:
     if on_block_grids():
-        # One block of the blocked path: b holds one flat batch index (the whole batch
-        # was checked once, on whole grids, before the blocks).
-        index = int(array_api_compat.array_namespace(b).max(b))
-        if index >= rows:
-            raise ValueError(
-                f"{name} has {rows} batch rows but attention asked for flat batch index "
-                f"{index}; give one row per flat batch index, or a 1-D array shared by "
-                "the batch"
-            )
+        _check_block_index(b, rows, f"{name} has {rows} batch rows")
         return
     n = _flat_batch(b)
     if rows != n:
@@ -409,12 +409,7 @@ def _check_heads(name: str, values: Any, heads: int, h: Any) -> None:
     # The table's head count against the grid's: h is (H, 1, 1) on whole grids, one run
     # of heads on a block of the blocked path (checked whole before the blocks).
     if on_block_grids():
-        top = int(array_api_compat.array_namespace(h).max(h))
-        if top >= heads:
-            raise ValueError(
-                f"{name} has {heads} heads (shape {tuple(values.shape)}) but attention "
-                f"asked for head {top}"
-            )
+        _check_block_index(h, heads, f"{name} has {heads} heads (shape {tuple(values.shape)})")
     elif heads != h.shape[0]:
         raise ValueError(
             f"{name} has {heads} heads (shape {tuple(values.shape)}) but attention has "

@@ -337,27 +337,39 @@ def small_blocks(monkeypatch):
                         lambda L, S, group, backward=False: (7, 9))
 
 
+def _blocked_equals_direct(backend, xs, tol, **kw):
+    """Front-door forward (out, LSE) and backward, blocked against direct, within tol
+    (40 tol for the gradients, which scale with |dO| max|V| and S)."""
+    want = refattn.attention(*xs[1:], implementation="direct", return_lse=True, **kw)
+    got = refattn.attention(*xs[1:], implementation="blocked", return_lse=True, **kw)
+    for name in ("out", "lse"):
+        _close(backend.to_numpy(getattr(got, name)), backend.to_numpy(getattr(want, name)),
+               tol, name)
+    gw = refattn.attention_backward(*xs, implementation="direct", **kw)
+    gg = refattn.attention_backward(*xs, implementation="blocked", **kw)
+    for a, b in zip(gg[:3], gw[:3], strict=True):
+        _close(backend.to_numpy(a), backend.to_numpy(b), tol * 40, "gradient")
+
+
+def _front_door_inputs(backend, seed, B, H, L, S, E):
+    """rng, the backend's (dout, q, k, v) and max|v| of a standard normal problem."""
+    rng = np.random.default_rng(seed)
+    q, k, v = (rng.standard_normal((B, H, n, E)) for n in (L, S, S))
+    dout = rng.standard_normal((B, H, L, E))
+    return rng, [backend.asarray(x) for x in (dout, q, k, v)], float(np.abs(v).max())
+
+
 def test_ready_made_score_mods_on_the_blocked_path(backend, small_blocks):
     from refattn import mods
 
-    rng = np.random.default_rng(11)
     B, H, L, S, E = 3, 4, 20, 30, 5
-    q, k, v = (rng.standard_normal((B, H, n, E)) for n in (L, S, S))
-    dout = rng.standard_normal((B, H, L, E))
-    xs = [backend.asarray(x) for x in (dout, q, k, v)]
+    rng, xs, vmax = _front_door_inputs(backend, 11, B, H, L, S, E)
     slopes = rng.uniform(0.1, 1.0, (B, H))
     table = rng.standard_normal((H, 2 * 6 + 1))
     for mod in (mods.alibi(backend.asarray(slopes)), mods.alibi(backend.asarray(slopes[0])),
                 mods.softcap(1.5), mods.relative_position_bias(backend.asarray(table), 6)):
-        want = refattn.attention(*xs[1:], score_mod=mod, implementation="direct")
-        got = refattn.attention(*xs[1:], score_mod=mod, implementation="blocked")
         # Logits below |q| |k| / sqrt(E) + 1.0 * (L + S) + 3 max|table|: about 60 here.
-        tol = 64 * (E + 2 * S) * U64 * 60 * float(np.abs(v).max())
-        _close(backend.to_numpy(got), backend.to_numpy(want), tol, "ready-made mod")
-        gw = refattn.attention_backward(*xs, score_mod=mod, implementation="direct")
-        gg = refattn.attention_backward(*xs, score_mod=mod, implementation="blocked")
-        for a, b in zip(gg[:3], gw[:3], strict=True):
-            _close(backend.to_numpy(a), backend.to_numpy(b), tol * 40, "ready-made mod grads")
+        _blocked_equals_direct(backend, xs, 64 * (E + 2 * S) * U64 * 60 * vmax, score_mod=mod)
 
 
 @pytest.mark.parametrize("implementation", ["direct", "blocked"])
@@ -383,29 +395,15 @@ def test_ready_made_mask_mods_on_the_blocked_path(backend, small_blocks):
     # mask_mod is evaluated per block on the blocked path (never on the whole grid there).
     from refattn import mods
 
-    rng = np.random.default_rng(13)
     B, H, L, S, E = 2, 3, 20, 26, 4
-    q, k, v = (rng.standard_normal((B, H, n, E)) for n in (L, S, S))
-    dout = rng.standard_normal((B, H, L, E))
-    xs = [backend.asarray(x) for x in (dout, q, k, v)]
+    rng, xs, vmax = _front_door_inputs(backend, 13, B, H, L, S, E)
     docs_q = np.sort(rng.integers(0, 3, (B, L)), axis=1)
     docs_k = np.sort(rng.integers(0, 3, (B, S)), axis=1)
     for mod in (mods.causal(), mods.sliding_window(3, 1, alignment="bottom_right", L=L, S=S),
                 mods.prefix_lm(backend.asarray(np.array([4, 9]))),
                 mods.document_mask(backend.asarray(docs_q), backend.asarray(docs_k))):
-        want = refattn.attention(*xs[1:], mask_mod=mod, implementation="direct",
-                                 masked_rows="uniform", return_lse=True)
-        got = refattn.attention(*xs[1:], mask_mod=mod, implementation="blocked",
-                                masked_rows="uniform", return_lse=True)
-        tol = 64 * (E + 2 * S) * U64 * 10 * float(np.abs(v).max())
-        _close(backend.to_numpy(got.out), backend.to_numpy(want.out), tol, "mask_mod out")
-        _close(backend.to_numpy(got.lse), backend.to_numpy(want.lse), tol, "mask_mod lse")
-        gw = refattn.attention_backward(*xs, mask_mod=mod, implementation="direct",
-                                        masked_rows="uniform")
-        gg = refattn.attention_backward(*xs, mask_mod=mod, implementation="blocked",
-                                        masked_rows="uniform")
-        for a, b in zip(gg[:3], gw[:3], strict=True):
-            _close(backend.to_numpy(a), backend.to_numpy(b), tol * 40, "mask_mod grads")
+        _blocked_equals_direct(backend, xs, 64 * (E + 2 * S) * U64 * 10 * vmax, mask_mod=mod,
+                               masked_rows="uniform")
 
 
 def test_mask_mod_errors_on_the_blocked_path(small_blocks):
