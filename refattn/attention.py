@@ -113,7 +113,7 @@ class _Prepared:
                                       _SHAPE_LEGEND)
         return modded if self.user_mask is None else self.xp.logical_and(self.user_mask, modded)
 
-    @property
+    @functools.cached_property
     def bias(self) -> Any:
         """The user's bias with ALiBi added (both additive, after softcap), built on
         demand so that the blocked path never materialises the (..., H, L, S) ALiBi."""
@@ -123,21 +123,19 @@ class _Prepared:
                            xp=self.xp)
         return alibi if self.user_bias is None else self.user_bias + alibi
 
-    def _and_window(self, left: int | None, right: int | None) -> Any:
-        if left is None and right is None:
-            return self.mask
-        pos = window_mask(self.shapes.L, self.shapes.S, left=left, right=right,
-                          shift=self.shift, xp=self.xp, device=self.device)
-        return pos if self.mask is None else self.xp.logical_and(self.mask, pos)
-
     @property
     def allowed(self) -> Any:
         """The mask AND the positional window, materialised at (L, S) when there is one.
 
         Built on demand: the blocked path takes ``blocked_structure`` instead, so that
-        the right edge of the window (the causal diagonal) skips blocks.
+        the window's edges skip blocks.
         """
-        return self._and_window(*(self.window or (None, None)))
+        if self.window is None:
+            return self.mask
+        left, right = self.window
+        pos = window_mask(self.shapes.L, self.shapes.S, left=left, right=right,
+                          shift=self.shift, xp=self.xp, device=self.device)
+        return pos if self.mask is None else self.xp.logical_and(self.mask, pos)
 
     @property
     def blocked_structure(self) -> dict[str, Any]:

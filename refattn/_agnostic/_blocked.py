@@ -397,15 +397,15 @@ def _run_items(
 class _Inputs:
     """Rank-padded arrays read by the workers.
 
-    ``k`` (unless every query block sees a single key span) and ``v`` have a column of
-    ones appended (see ``_prepare_inputs``); ``k_norm`` and ``bias_max`` bound the
-    scores.
+    In the forward ``k`` and ``v`` may have a column of ones appended (where it pays,
+    see blocked_attention); the backward appends them per work item. ``k_norm``,
+    ``bias_max`` and ``bias_min`` bound the scores.
     """
 
     q: Any
     scale: float
     k: Any  # (..., K, S, E + 1), or (..., K, S, E) without the column of ones
-    v: Any  # (..., Kv, S, Ev + 1)
+    v: Any  # (..., Kv, S, Ev + 1), or (..., Kv, S, Ev) without the column of ones
     bias: Any
     alibi: Any  # (..., H) ALiBi slopes (rank-padded), or None
     allowed: Any
@@ -420,7 +420,6 @@ class _Inputs:
     mods: ScoreMods | None  # softcap and score_mod, applied per block (None: neither)
     mask_mod: Callable[..., Any] | None  # evaluated per block, ANDed with ``allowed``
     zero_shift: bool  # every row's scores are known small enough to need no shift
-    batch: tuple[int, ...]  # the broadcast batch shape, for the score_mod's flat b index
     xp: Any
 
 
@@ -434,8 +433,8 @@ def _ones_appended(x: Any, xp: Any) -> Any:
 
 def _prepare_inputs(
     q: Any, k: Any, v: Any, *, scale: float, bias: Any, allowed: Any, keep: Any,
-    dropout_p: float, masked_rows: str, plan: _Plan, augment_k: bool, augment_v: bool,
-    mods: ScoreMods | None, alibi_slopes: Any = None, mask_mod: Any = None, xp: Any,
+    dropout_p: float, masked_rows: str, plan: _Plan, mods: ScoreMods | None,
+    alibi_slopes: Any = None, mask_mod: Any = None, xp: Any,
 ) -> _Inputs:
     n = plan.ndim
     kp, vp = _pad_rank(k, n, xp), _pad_rank(v, n, xp)
@@ -443,10 +442,9 @@ def _prepare_inputs(
     # so the shift of the online softmax comes out of the product instead of a pass
     # over the scores. V with a column of ones gives the row sums of the weights out of
     # the P @ V product (without dropout, where the sum runs over the same weights), and
-    # [dO, -D] times its transpose gives dP - D in the backward. The copies are made
-    # here only where the caller asks (see blocked_attention); the backward makes them
+    # [dO, -D] times its transpose gives dP - D in the backward. The copies are not
+    # made here: the forward makes them where they pay (blocked_attention), the backward
     # per work item, in parallel (``_augmented_keys``).
-    kp_used = _ones_appended(kp, xp) if augment_k else kp
     bias_max: float | None = 0.0
     bias_min = 0.0
     if bias is not None:
@@ -466,8 +464,7 @@ def _prepare_inputs(
             bias_max = bias_max + rise if rise < math.inf else None
         bias_min = bias_min - fall if fall < math.inf else -math.inf
     return _Inputs(
-        q=_pad_rank(q, n, xp), scale=scale, k=kp_used,
-        v=_ones_appended(vp, xp) if augment_v else vp,
+        q=_pad_rank(q, n, xp), scale=scale, k=kp, v=vp,
         bias=_pad_rank(bias, n, xp), alibi=alibi, allowed=_pad_rank(allowed, n, xp),
         keep=_pad_rank(keep, n, xp), k_norm=xp.sqrt(xp.max(xp.vecdot(kp, kp), axis=-1)),
         bias_max=bias_max, bias_min=bias_min if bias_min == bias_min else -math.inf,
@@ -476,8 +473,7 @@ def _prepare_inputs(
         if plan.causal and plan.low is None else None,
         dropout_p=dropout_p, masked_rows=masked_rows, Ev=plan.Ev,
         mods=mods if mods is not None and mods.active else None, mask_mod=mask_mod,
-        zero_shift=False,
-        batch=plan.batch, xp=xp,
+        zero_shift=False, xp=xp,
     )
 
 
@@ -565,7 +561,7 @@ def _raw_scores(
                                 (rows.R, n))
     visible = _keys_of(rows.allowed, s0, s1, plan.S)
     if inp.mask_mod is not None:
-        modded = _block_mask(inp, rows, s0, s1)
+        modded = _block_mask(inp, plan, rows, s0, s1)
         visible = modded if visible is None else xp.logical_and(visible, modded)
     if masked:
         cols = xp.reshape(xp.arange(s0, s1, device=scores.device), (1, n))
@@ -601,36 +597,31 @@ def _block_mods(inp: _Inputs, plan: _Plan, rows: _Rows, s0: int, s1: int) -> Sco
     assert inp.mods is not None
     if inp.mods.score_mod is None:
         return inp.mods
-    return replace(inp.mods, grids=_block_grids(inp, rows, s0, s1))
+    return replace(inp.mods, grids=_block_grids(inp.xp, plan, rows, s0, s1))
 
 
-def _block_grids(inp: _Inputs, rows: _Rows, s0: int, s1: int) -> tuple[Any, Any, Any, Any]:
+def _block_grids(xp: Any, plan: _Plan, rows: _Rows, s0: int, s1: int
+                 ) -> tuple[Any, Any, Any, Any]:
     """(b, h, q_idx, kv_idx) of one block (see ``_block_mods``)."""
-    xp, device = inp.xp, rows.q.device
+    device = rows.q.device
     flat = 0
-    for index, size in zip(rows.b, inp.batch, strict=True):
+    for index, size in zip(rows.b, plan.batch, strict=True):
         flat = flat * size + index
     return (
-        xp.full((1,) * len(inp.batch) + (1, 1, 1), flat, dtype=xp.int64, device=device),
+        xp.full((1,) * len(plan.batch) + (1, 1, 1), flat, dtype=xp.int64, device=device),
         xp.reshape(xp.arange(rows.h0, rows.h0 + rows.g, device=device), (rows.g, 1, 1)),
         xp.reshape(xp.arange(rows.l0, rows.l1, device=device), (rows.bl, 1)),
         xp.reshape(xp.arange(s0, s1, device=device), (1, s1 - s0)),
     )
 
 
-def _block_mask(inp: _Inputs, rows: _Rows, s0: int, s1: int) -> Any:
+def _block_mask(inp: _Inputs, plan: _Plan, rows: _Rows, s0: int, s1: int) -> Any:
     """The mask_mod on one block's grids, as a (g, bl, n) boolean array."""
     xp = inp.xp
     assert inp.mask_mod is not None
     with block_grids():
-        allowed = inp.mask_mod(*_block_grids(inp, rows, s0, s1))
-    dtype = getattr(allowed, "dtype", None)
-    if dtype is None or not xp.isdtype(dtype, "bool"):
-        raise TypeError(
-            "mask_mod must return a boolean array (True = take part) from array operations "
-            f"on its index arguments; got {type(allowed).__name__} with dtype {dtype}"
-        )
-    shape = _block_shape(inp, rows, s1 - s0)
+        allowed = evaluate_mask_mod(inp.mask_mod, _block_grids(xp, plan, rows, s0, s1), xp=xp)
+    shape = _block_shape(plan, rows, s1 - s0)
     try:
         allowed = xp.broadcast_to(allowed, shape)
     except (ValueError, RuntimeError) as error:
@@ -660,15 +651,15 @@ def _probe_mods(mods: ScoreMods | None, mask_mod: Any, plan: _Plan, q: Any, xp: 
         evaluate_mask_mod(mask_mod, grids, xp=xp)
 
 
-def _block_shape(inp: _Inputs, rows: _Rows, n: int) -> tuple[int, ...]:
+def _block_shape(plan: _Plan, rows: _Rows, n: int) -> tuple[int, ...]:
     # A block of scores as the mods see it: (1, ..., 1, g, bl, n), one 1 per batch dim.
-    return (1,) * len(inp.batch) + (rows.g, rows.bl, n)
+    return (1,) * len(plan.batch) + (rows.g, rows.bl, n)
 
 
 def _scaled_block(inp: _Inputs, plan: _Plan, rows: _Rows, k: Any, s0: int, s1: int) -> Any:
     """The scaled scores scale q.k of one block (rows.q is scaled already), shaped
     ``_block_shape``."""
-    return inp.xp.reshape(rows.q @ k[s0:s1, :plan.E].mT, _block_shape(inp, rows, s1 - s0))
+    return inp.xp.reshape(rows.q @ k[s0:s1, :plan.E].mT, _block_shape(plan, rows, s1 - s0))
 
 
 def _modded_scores(inp: _Inputs, plan: _Plan, rows: _Rows, q_shift: Any, k: Any, s0: int,
@@ -685,12 +676,12 @@ def _modded_scores(inp: _Inputs, plan: _Plan, rows: _Rows, q_shift: Any, k: Any,
     with block_grids():
         modded = pre_mask_scores(scaled, bias=_block_bias(inp, plan, rows, s0, s1),
                                  mods=_block_mods(inp, plan, rows, s0, s1), xp=xp)
-    if tuple(modded.shape) != _block_shape(inp, rows, n):
+    if tuple(modded.shape) != _block_shape(plan, rows, n):
         # A mod that broadcasts its result wider than the scores (or returns something
         # of another shape) cannot be evaluated block by block.
         raise ValueError(
             f"score_mod must return an array of its score argument's shape; on a block of "
-            f"scores of shape {_block_shape(inp, rows, n)} it returned shape "
+            f"scores of shape {_block_shape(plan, rows, n)} it returned shape "
             f"{tuple(modded.shape)} (the blocked path calls it once per block: write it "
             "elementwise in score, b, h, q_idx and kv_idx, as FlexAttention requires)"
         )
@@ -791,6 +782,34 @@ def _fill_value(masked_rows: str, S: int) -> float:
 # --- forward ----------------------------------------------------------------------------
 
 
+def _bounded(inp: _Inputs) -> bool:
+    """Whether the scores have a bound at all: not through a score_mod (which may do
+    anything to a score), nor with a NaN or +inf bias entry."""
+    return inp.bias_max is not None and (inp.mods is None or inp.mods.score_mod is None)
+
+
+def _capped(inp: _Inputs, cs: float) -> float | None:
+    """A Cauchy-Schwarz bound ``cs`` on |scale q.k| through softcap (|c tanh(s / c)| < c),
+    or None when it is not finite (non-finite inputs take the checked way)."""
+    if not math.isfinite(cs):
+        return None
+    if inp.mods is not None and inp.mods.softcap is not None:
+        return min(cs, inp.mods.softcap)
+    return cs
+
+
+def _largest_score(inp: _Inputs, rows: _Rows, kh: int) -> float | None:
+    """One bound on every |score - bias| of the rows: the largest row norm times the
+    largest key norm, capped (``_capped``); None where ``_bounded`` is False."""
+    if not _bounded(inp):
+        return None
+    if not rows.R:
+        return _capped(inp, 0.0)
+    xp = inp.xp
+    k_norm = float(inp.k_norm[(*_batch_index(inp.k_norm, rows.b), kh)])
+    return _capped(inp, math.sqrt(float(xp.max(xp.vecdot(rows.q, rows.q)))) * k_norm)
+
+
 def _score_bounds(inp: _Inputs, plan: _Plan, rows: _Rows, kh: int) -> tuple[Any, Any] | None:
     """(R,) upper and lower bounds of the rows' scores, or None if there are none.
 
@@ -801,9 +820,8 @@ def _score_bounds(inp: _Inputs, plan: _Plan, rows: _Rows, kh: int) -> tuple[Any,
     pass the tests they serve, so those rows always take the checked way.
     """
     xp = inp.xp
-    if inp.bias_max is None or (inp.mods is not None and inp.mods.score_mod is not None):
-        # A score_mod may do anything to a score: no bound, every block checked.
-        return None
+    if not _bounded(inp):
+        return None  # every block checked
     k_norm = inp.k_norm[(*_batch_index(inp.k_norm, rows.b), kh)]
     bound = xp.sqrt(xp.sum(rows.q * rows.q, axis=1)) * k_norm
     if inp.mods is not None and inp.mods.softcap is not None:
@@ -839,17 +857,9 @@ class _Bound:
         Decided on the largest row norm alone (every row passes if that one does), in
         three array calls: this runs once per work item on every forward.
         """
-        inp, plan, rows, kh = self._args
-        xp = inp.xp
-        if inp.bias_max is None or (inp.mods is not None and inp.mods.score_mod is not None):
-            return False
-        k_norm = float(inp.k_norm[(*_batch_index(inp.k_norm, rows.b), kh)])
-        cs = math.sqrt(float(xp.max(xp.vecdot(rows.q, rows.q)))) * k_norm if rows.R else 0.0
-        if not math.isfinite(cs):
-            return False  # non-finite inputs: the checked way, whatever the cap
-        if inp.mods is not None and inp.mods.softcap is not None:
-            cs = min(cs, inp.mods.softcap)
-        return cs + inp.bias_max <= upper and inp.bias_min - cs >= lower
+        inp, _, rows, kh = self._args
+        cs = _largest_score(inp, rows, kh)
+        return cs is not None and cs + inp.bias_max <= upper and inp.bias_min - cs >= lower
 
 
 def _shift_free_range(dtype: Any, S: int, xp: Any) -> tuple[float, float]:
@@ -869,16 +879,12 @@ def _zero_shift_everywhere(inp: _Inputs, plan: _Plan) -> bool:
     (``_Bound.narrow``), so that every item then takes no shift either.
     """
     xp = inp.xp
-    if inp.bias_max is None or (inp.mods is not None and inp.mods.score_mod is not None):
-        return False
-    if plan.L == 0 or plan.S == 0:
+    if not _bounded(inp) or plan.L == 0 or plan.S == 0:
         return False
     q_norm = math.sqrt(float(xp.max(xp.vecdot(inp.q, inp.q)))) * abs(inp.scale)
-    cs = q_norm * float(xp.max(inp.k_norm))
-    if not math.isfinite(cs):
+    cs = _capped(inp, q_norm * float(xp.max(inp.k_norm)))
+    if cs is None:
         return False
-    if inp.mods is not None and inp.mods.softcap is not None:
-        cs = min(cs, inp.mods.softcap)
     upper, lower = _shift_free_range(inp.q.dtype, plan.S, xp)
     return cs + inp.bias_max <= upper - 1.0 and inp.bias_min - cs >= lower + 1.0
 
@@ -1180,8 +1186,7 @@ def blocked_attention(
         )
     inp = _prepare_inputs(q, k, v, scale=scale, bias=bias, allowed=allowed, keep=keep,
                           dropout_p=dropout_p, masked_rows=masked_rows, plan=plan,
-                          augment_k=False, augment_v=False, mods=mods,
-                          alibi_slopes=alibi_slopes, mask_mod=mask_mod, xp=xp)
+                          mods=mods, alibi_slopes=alibi_slopes, mask_mod=mask_mod, xp=xp)
     _probe_mods(mods, mask_mod, plan, q, xp)
     # A shift is folded into the products (K gets its column of ones) where a query
     # block sees more than one key span, or a masked one, unless every row of every
@@ -1189,15 +1194,12 @@ def blocked_attention(
     # its column of ones (row sums out of P @ [V, 1]) where several query blocks share
     # each head's keys and so amortise the copy; with a single query block per head the
     # row sums of the blocks cost less than the serial copy.
-    need_shift = causal or plan.low is not None or S > plan.block_s
     zero_shift = _zero_shift_everywhere(inp, plan)
-    if (need_shift and not zero_shift) or (keep is None and L > plan.block_l):
-        inp = replace(
-            inp, zero_shift=zero_shift,
-            k=_ones_appended(inp.k, xp) if need_shift and not zero_shift else inp.k,
-            v=_ones_appended(inp.v, xp) if keep is None and L > plan.block_l else inp.v)
-    else:
-        inp = replace(inp, zero_shift=zero_shift)
+    fold_shift = (causal or plan.low is not None or S > plan.block_s) and not zero_shift
+    sums_in_product = keep is None and L > plan.block_l
+    inp = replace(inp, zero_shift=zero_shift,
+                  k=_ones_appended(inp.k, xp) if fold_shift else inp.k,
+                  v=_ones_appended(inp.v, xp) if sums_in_product else inp.v)
     res = DirectResult(
         out=xp.empty((*batch, H, L, Ev), dtype=dtype, device=device),
         lse=xp.empty((*batch, H, L), dtype=dtype, device=device), weights=weights,
@@ -1269,11 +1271,8 @@ def _row_grads(
     # No exponent S - lse overflows when the rows' largest score bound minus their
     # smallest lse stays below log(max float) - 1 (one conservative check for the block).
     no_overflow = False
-    if inp.bias_max is not None and (inp.mods is None or inp.mods.score_mod is None) and R:
-        k_norm = float(inp.k_norm[(*_batch_index(inp.k_norm, rows.b), kh)])
-        cs = math.sqrt(float(xp.max(xp.vecdot(rows.q, rows.q)))) * k_norm
-        if inp.mods is not None and inp.mods.softcap is not None and math.isfinite(cs):
-            cs = min(cs, inp.mods.softcap)
+    cs = _largest_score(inp, rows, kh) if R else None
+    if cs is not None:
         limit = math.log(float(xp.finfo(lse.dtype).max)) - 1.0
         no_overflow = cs + inp.bias_max - float(xp.min(lse)) <= limit
     # As in the forward, the shifts come out of the products: [q, -lse] [K, 1]^T is
@@ -1331,7 +1330,7 @@ def _weights_and_dscores(
             _scaled_block(inp, plan, rows, k, s0, s1),
             bias=_block_bias(inp, plan, rows, s0, s1),
             mods=_block_mods(inp, plan, rows, s0, s1), xp=xp)
-    ds3 = xp.reshape(ds, _block_shape(inp, rows, n))
+    ds3 = xp.reshape(ds, _block_shape(plan, rows, n))
     zero = xp.asarray(0.0, dtype=ds.dtype, device=ds.device)
     # Masked entries have dS = 0 exactly; a slope undefined there must not make it NaN.
     d_biased = xp.where(ds3 == 0, zero, ds3 * mod_slope)
@@ -1533,8 +1532,7 @@ def blocked_attention_backward(
         plan = replace(plan, skip=False)
     inp = _prepare_inputs(q, k, v, scale=scale, bias=bias, allowed=allowed, keep=keep,
                           dropout_p=dropout_p, masked_rows=masked_rows, plan=plan,
-                          augment_k=False, augment_v=False, mods=mods,
-                          alibi_slopes=alibi_slopes, mask_mod=mask_mod, xp=xp)
+                          mods=mods, alibi_slopes=alibi_slopes, mask_mod=mask_mod, xp=xp)
     _probe_mods(mods, mask_mod, plan, q, xp)
     rows_shape = (*plan.batch, plan.H, plan.L)
     lse_rows = xp.broadcast_to(_pad_rank(lse, n - 1, xp), rows_shape)
