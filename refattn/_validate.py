@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+rom ._types import ALIGNMENTS
+
 __all__ = [
     "AttentionShapes",
     "broadcast_shapes",
@@ -151,7 +153,7 @@ def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
 
 def check_alignment(alignment: Any) -> None:
     """Validate the causal/window alignment name."""
-    check_choice("alignment", alignment, ("top_left", "bottom_right"))
+    check_choice("alignment", alignment, ALIGNMENTS)
 
 
 def _real_number(name: str, value: Any) -> float:

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["MASKED_ROW_POLICIES", "masked_softmax"]
+from .._types import MASKED_ROW_POLICIES
 
-MASKED_ROW_POLICIES = ("zero", "nan", "uniform")
+__all__ = ["MASKED_ROW_POLICIES", "masked_softmax"]
 
 
 def masked_softmax(scores: Any, *, masked_rows: str, xp: Any) -> tuple[Any, Any]:
