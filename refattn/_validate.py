@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-rom ._types import ALIGNMENTS
+from ._types import ALIGNMENTS
 
 __all__ = [
     "AttentionShapes",
