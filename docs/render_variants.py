@@ -21,7 +21,7 @@ import array_api_compat.numpy as xnp
 import numpy as np
 
 from refattn import kvcache, mods, varlen
-from refattn.mods import merge_causal
+from refattn._window import Window
 
 OUT = Path(__file__).resolve().parent / "_static" / "variants"
 
@@ -47,8 +47,8 @@ def varlen_mask(cu_q: list[int], cu_k: list[int], **options) -> np.ndarray:
 
 def kvcache_mask(valid: list[int], Lq: int, capacity: int, causal: bool) -> np.ndarray:
     """The mask attention_with_kvcache passes to attention, sequences stacked: (B Lq, S)."""
-    mask, _ = kvcache._visibility(np.asarray(valid), Lq, capacity, merge_causal(causal, None),
-                                  xp=xnp, device="cpu")
+    window = Window.merge(causal=causal, window=None)
+    mask, _ = kvcache._visibility(np.asarray(valid), Lq, capacity, window, xp=xnp, device="cpu")
     return mask.reshape(len(valid) * Lq, capacity)
 
 

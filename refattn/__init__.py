@@ -6,8 +6,8 @@ and array-api-strict arrays.
 """
 
 from . import mods
+from ._front_door import AttentionGrads, AttentionResult, attention, attention_backward
 from ._threads import get_num_threads, set_num_threads
-from .attention import AttentionGrads, AttentionResult, attention, attention_backward
 from .classic import attention_pooling, attention_scores, bmm_attention
 from .compat.torch import (
     MultiheadAttention,

@@ -13,7 +13,7 @@ import numpy as np
 from ._namespace import library_name
 from ._types import Array, Namespace
 
-__all__ = ["swap_head_axis", "to_numpy"]
+__all__ = ["sum_to_shape", "swap_head_axis", "to_numpy"]
 
 
 def swap_head_axis(x: Array, xp: Namespace) -> Array:
@@ -32,6 +32,30 @@ def swap_head_axis(x: Array, xp: Namespace) -> Array:
     axes = list(range(x.ndim))
     axes[-3], axes[-2] = axes[-2], axes[-3]
     return xp.permute_dims(x, tuple(axes))
+
+
+def sum_to_shape(x: Array, shape: tuple[int, ...], *, xp: Namespace) -> Array:
+    """Sum ``x`` over the axes along which an array of ``shape`` was broadcast to it.
+
+    ``shape`` must broadcast to ``x.shape`` (the adjoint of broadcasting is summation):
+    the gradient of a broadcast input.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> sum_to_shape(np.ones((2, 3, 4)), (3, 1), xp=np)
+    array([[8.],
+           [8.],
+           [8.]])
+    """
+    shape = tuple(shape)
+    lead = x.ndim - len(shape)
+    if lead > 0:
+        x = xp.sum(x, axis=tuple(range(lead)))
+    axes = tuple(i for i, n in enumerate(shape) if n == 1 and x.shape[i] != 1)
+    if axes:
+        x = xp.sum(x, axis=axes, keepdims=True)
+    return x
 
 
 def to_numpy(x: Any, *, float64: bool = False) -> np.ndarray:

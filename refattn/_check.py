@@ -751,7 +751,7 @@ def _agrees(actual: np.ndarray, expected: np.ndarray, inputs: dict[str, np.ndarr
 
 
 def _oracle(inputs: dict[str, np.ndarray], options: dict[str, Any]) -> np.ndarray:
-    from .attention import attention
+    from ._front_door import attention
 
     return np.asarray(attention(inputs["q"], inputs["k"], inputs["v"], **options))
 

@@ -22,9 +22,9 @@ from typing import Any
 
 from . import _validate
 from ._agnostic._direct import repeat_heads
-from ._agnostic._softmax import MASKED_ROW_POLICIES
+from ._front_door import attention
 from ._namespace import infer_namespace
-from .attention import LAYOUTS, attention
+from ._types import LAYOUTS, MASKED_ROW_POLICIES
 
 __all__ = ["attention_pooling", "attention_scores", "bmm_attention"]
 

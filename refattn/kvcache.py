@@ -19,9 +19,9 @@ import numbers
 from typing import Any, NamedTuple
 
 from . import _validate
+from ._front_door import attention
 from ._namespace import infer_namespace
-from .attention import attention
-from .mods import merge_causal, normalize_window, window_allowed
+from ._window import Window
 
 __all__ = ["KVCacheResult", "attention_with_kvcache"]
 
@@ -138,7 +138,7 @@ def _write(cache: Any, new: Any, targets: Any, *, xp: Any) -> Any:
 
 
 def _visibility(valid: Any, Lq: int, capacity: int,
-                allowed_window: tuple[int | None, int | None] | None, *, xp: Any,
+                allowed_window: Window | None, *, xp: Any,
                 device: Any) -> tuple[Any, Any]:
     """(B, 1, Lq, capacity) "may attend" mask and (B, 1, Lq, capacity) ALiBi distances.
 
@@ -152,7 +152,7 @@ def _visibility(valid: Any, Lq: int, capacity: int,
              + xp.reshape(valid - Lq, (B, 1, 1, 1)))
     mask = positions < xp.reshape(valid, (B, 1, 1, 1))
     if allowed_window is not None:
-        mask = mask & window_allowed(q_pos, positions, *allowed_window)
+        mask = mask & allowed_window.allows(q_pos, positions)
     return mask, xp.abs(q_pos - positions)
 
 
@@ -319,7 +319,8 @@ def attention_with_kvcache(
             f"alibi_slopes must have shape (H,) = ({H},) or (B, H) = ({B}, {H}); got "
             f"{tuple(alibi_slopes.shape)}"
         )
-    allowed_window = merge_causal(causal, None if window is None else normalize_window(window))
+    allowed_window = Window.merge(
+        causal=causal, window=None if window is None else Window.parse(window, typed=True))
 
     cached = _seqlens(cache_seqlens, B, xp=xp, device=device)
     valid = cached + L_new

@@ -29,8 +29,8 @@ from typing import Any
 import array_api_compat
 
 from . import _validate
-from ._agnostic._scores import on_block_grids
 from ._namespace import library_name
+from ._window import Window
 
 __all__ = [
     "alibi",
@@ -55,57 +55,6 @@ def _count(name: str, value: Any) -> int:
     if value < 0:
         raise ValueError(f"{name} must be a non-negative int; got {value}")
     return int(value)
-
-
-def normalize_window(window: Any, *, name: str = "window") -> tuple[int | None, int | None]:
-    """``(left, right)`` with None or -1 meaning unlimited, as (left, right) of int | None.
-
-    Any other negative extent is refused: it would leave a key range that does not
-    contain the query's own position, which no library means by a window.
-    """
-    if not isinstance(window, (tuple, list)) or len(window) != 2:
-        raise TypeError(
-            f"{name} must be a pair (left, right) of ints, None or -1 for unlimited; got "
-            f"{window!r}"
-        )
-    sides: list[int | None] = []
-    for side, value in zip(("left", "right"), window, strict=True):
-        if value is None or (isinstance(value, numbers.Integral) and not isinstance(value, bool)
-                             and value == -1):
-            sides.append(None)
-            continue
-        sides.append(_count(f"{name}[{'0' if side == 'left' else '1'}] ({side})", value))
-    return sides[0], sides[1]
-
-
-def merge_causal(causal: bool, window: tuple[int | None, int | None] | None
-                 ) -> tuple[int | None, int | None] | None:
-    """The window (left, right) that ``causal`` and ``window`` allow together, or None."""
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be True or False; got {causal!r}")
-    if window is None and not causal:
-        return None
-    left, right = window if window is not None else (None, None)
-    if causal:
-        right = 0 if right is None else min(right, 0)
-    return left, right
-
-
-def window_allowed(q_pos: Any, kv_pos: Any, left: int | None, right: int | None) -> Any:
-    """True where ``q_pos - left <= kv_pos <= q_pos + right`` (None = unlimited side).
-
-    ``q_pos`` is the query's key position (index plus shift); the arrays broadcast.
-    """
-    ok = None
-    if right is not None:
-        ok = kv_pos <= q_pos + right
-    if left is not None:
-        lo = kv_pos >= q_pos - left
-        ok = lo if ok is None else ok & lo
-    if ok is None:
-        # No limit on either side: every pair, at the broadcast shape of the grids.
-        ok = (kv_pos <= q_pos) | (kv_pos > q_pos)
-    return ok
 
 
 def _shift(alignment: Any, L: Any, S: Any, who: str) -> int:
@@ -167,8 +116,8 @@ def _check_block_index(grid: Any, size: int, what: str) -> None:
         raise ValueError(f"{what} but attention asked for index {top} on that axis")
 
 
-def _check_batch(name: str, rows: int, b: Any) -> None:
-    if on_block_grids():
+def _check_batch(name: str, rows: int, b: Any, whole: bool) -> None:
+    if not whole:
         _check_block_index(b, rows, f"{name} has {rows} batch rows")
         return
     n = _flat_batch(b)
@@ -191,6 +140,16 @@ def _check_index_range(name: str, length: int, idx: Any, xp: Any, axis: str) -> 
 def _ones_like(score: Any, b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
     # d mod / d score of an additive mod: exactly 1.
     return array_api_compat.array_namespace(score).ones_like(score)
+
+
+def _block_aware(make: Callable[[bool], Mod]) -> Mod:
+    # make(whole) builds the mod; the one called on whole grids checks its tables
+    # against the whole batch and every head, the ``on_block`` variant the blocked path
+    # calls on one block's grids (a run of heads, one batch entry) checks only that the
+    # indices it sees are within the tables (see refattn._agnostic._scores).
+    mod = make(True)
+    setattr(mod, "on_block", make(False))  # noqa: B010
+    return mod
 
 
 def _with_derivative(mod: Mod, derivative: Mod) -> Mod:
@@ -273,11 +232,11 @@ def sliding_window(left: int | None, right: int | None = 0, *, alignment: str = 
            [0, 1, 1, 0],
            [0, 0, 1, 1]])
     """
-    lo, hi = normalize_window((left, right), name="(left, right)")
+    band = Window.parse((left, right), name="(left, right)", typed=True)
     shift = _shift(alignment, L, S, "sliding_window")
 
     def sliding_window_mask_mod(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
-        return window_allowed(q_idx + shift, kv_idx, lo, hi)
+        return band.allows(q_idx + shift, kv_idx)
 
     return sliding_window_mask_mod
 
@@ -326,13 +285,16 @@ def prefix_lm(prefix_length: Any) -> Mod:
         return prefix_lm_mask_mod
     lengths = _array("prefix_length", prefix_length, "integral", (1,))
 
-    def prefix_lm_batched_mask_mod(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
-        xp = _namespace("prefix_length", lengths, q_idx)
-        _check_batch("prefix_length", lengths.shape[0], b)
-        per_batch = _gather(xp, lengths, b)  # (*batch, 1, 1, 1)
-        return (kv_idx <= q_idx) | (kv_idx < per_batch)
+    def make(whole: bool) -> Mod:
+        def prefix_lm_batched_mask_mod(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
+            xp = _namespace("prefix_length", lengths, q_idx)
+            _check_batch("prefix_length", lengths.shape[0], b, whole)
+            per_batch = _gather(xp, lengths, b)  # (*batch, 1, 1, 1)
+            return (kv_idx <= q_idx) | (kv_idx < per_batch)
 
-    return prefix_lm_batched_mask_mod
+        return prefix_lm_batched_mask_mod
+
+    return _block_aware(make)
 
 
 def document_mask(doc_ids_q: Any, doc_ids_kv: Any = None) -> Mod:
@@ -387,28 +349,31 @@ def document_mask(doc_ids_q: Any, doc_ids_kv: Any = None) -> Mod:
             f"{library_name(ids_kv)} array; give both from the input library"
         )
 
-    def document_mask_mod(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
-        xp = _namespace("doc_ids_q", ids_q, q_idx)
-        nq, nk = ids_q.shape[-1], ids_kv.shape[-1]
-        _check_index_range("doc_ids_q", nq, q_idx, xp, "query")
-        _check_index_range("doc_ids_kv", nk, kv_idx, xp, "key")
-        if ids_q.ndim == 1:
-            return _gather(xp, ids_q, q_idx) == _gather(xp, ids_kv, kv_idx)
-        _check_batch("doc_ids_q", ids_q.shape[0], b)
-        # Row b of a (B, n) array, flattened: b * n + position; (*batch, 1, L, 1) and
-        # (*batch, 1, 1, S) grids, compared into (*batch, 1, L, S).
-        return _gather(xp, ids_q, b * nq + q_idx) == _gather(xp, ids_kv, b * nk + kv_idx)
+    def make(whole: bool) -> Mod:
+        def document_mask_mod(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
+            xp = _namespace("doc_ids_q", ids_q, q_idx)
+            nq, nk = ids_q.shape[-1], ids_kv.shape[-1]
+            _check_index_range("doc_ids_q", nq, q_idx, xp, "query")
+            _check_index_range("doc_ids_kv", nk, kv_idx, xp, "key")
+            if ids_q.ndim == 1:
+                return _gather(xp, ids_q, q_idx) == _gather(xp, ids_kv, kv_idx)
+            _check_batch("doc_ids_q", ids_q.shape[0], b, whole)
+            # Row b of a (B, n) array, flattened: b * n + position; (*batch, 1, L, 1) and
+            # (*batch, 1, 1, S) grids, compared into (*batch, 1, L, S).
+            return _gather(xp, ids_q, b * nq + q_idx) == _gather(xp, ids_kv, b * nk + kv_idx)
 
-    return document_mask_mod
+        return document_mask_mod
+
+    return _block_aware(make)
 
 
 # --- score mods --------------------------------------------------------------------------
 
 
-def _check_heads(name: str, values: Any, heads: int, h: Any) -> None:
+def _check_heads(name: str, values: Any, heads: int, h: Any, whole: bool) -> None:
     # The table's head count against the grid's: h is (H, 1, 1) on whole grids, one run
     # of heads on a block of the blocked path (checked whole before the blocks).
-    if on_block_grids():
+    if not whole:
         _check_block_index(h, heads, f"{name} has {heads} heads (shape {tuple(values.shape)})")
     elif heads != h.shape[0]:
         raise ValueError(
@@ -417,13 +382,13 @@ def _check_heads(name: str, values: Any, heads: int, h: Any) -> None:
         )
 
 
-def _per_head(xp: Any, values: Any, b: Any, h: Any, name: str) -> Any:
+def _per_head(xp: Any, values: Any, b: Any, h: Any, name: str, whole: bool) -> Any:
     # values (H,) -> (H, 1, 1); (B, H) -> (*batch, H, 1, 1) by the flat batch index.
     H = values.shape[-1]
-    _check_heads(name, values, H, h)
+    _check_heads(name, values, H, h, whole)
     if values.ndim == 1:
         return _gather(xp, values, h)
-    _check_batch(name, values.shape[0], b)
+    _check_batch(name, values.shape[0], b, whole)
     return _gather(xp, values, b * H + h)
 
 
@@ -467,13 +432,16 @@ def alibi(slopes: Any, *, alignment: str = "top_left", L: int | None = None,
     table = _array("slopes", slopes, "real floating", (1, 2))
     shift = _shift(alignment, L, S, "alibi")
 
-    def alibi_score_mod(score: Any, b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
-        xp = _namespace("slopes", table, score)
-        slope = xp.astype(_per_head(xp, table, b, h, "slopes"), score.dtype)
-        distance = xp.astype(xp.abs(q_idx + shift - kv_idx), score.dtype)
-        return score - slope * distance
+    def make(whole: bool) -> Mod:
+        def alibi_score_mod(score: Any, b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
+            xp = _namespace("slopes", table, score)
+            slope = xp.astype(_per_head(xp, table, b, h, "slopes", whole), score.dtype)
+            distance = xp.astype(xp.abs(q_idx + shift - kv_idx), score.dtype)
+            return score - slope * distance
 
-    return _with_derivative(alibi_score_mod, _ones_like)
+        return _with_derivative(alibi_score_mod, _ones_like)
+
+    return _block_aware(make)
 
 
 def softcap(cap: float) -> Mod:
@@ -590,14 +558,18 @@ def relative_position_bias(table: Any, max_distance: int | None = None, *,
             )
     shift = _shift(alignment, L, S, "relative_position_bias")
 
-    def relative_position_score_mod(score: Any, b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
-        xp = _namespace("table", values, score)
-        column = xp.clip(kv_idx - (q_idx + shift), min=-m, max=m) + m  # (L, S)
-        if values.ndim == 1:
-            added = _gather(xp, values, column)
-        else:
-            _check_heads("table", values, values.shape[0], h)
-            added = _gather(xp, values, h * width + column)  # (H, L, S)
-        return score + xp.astype(added, score.dtype)
+    def make(whole: bool) -> Mod:
+        def relative_position_score_mod(score: Any, b: Any, h: Any, q_idx: Any,
+                                        kv_idx: Any) -> Any:
+            xp = _namespace("table", values, score)
+            column = xp.clip(kv_idx - (q_idx + shift), min=-m, max=m) + m  # (L, S)
+            if values.ndim == 1:
+                added = _gather(xp, values, column)
+            else:
+                _check_heads("table", values, values.shape[0], h, whole)
+                added = _gather(xp, values, h * width + column)  # (H, L, S)
+            return score + xp.astype(added, score.dtype)
 
-    return _with_derivative(relative_position_score_mod, _ones_like)
+        return _with_derivative(relative_position_score_mod, _ones_like)
+
+    return _block_aware(make)

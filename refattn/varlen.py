@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import _validate
+from ._front_door import AttentionGrads, AttentionResult, attention, attention_backward
 from ._namespace import infer_namespace
-from .attention import AttentionGrads, AttentionResult, attention, attention_backward
-from .mods import merge_causal, normalize_window, window_allowed
+from ._window import Window
 
 __all__ = ["attention_varlen", "attention_varlen_backward"]
 
@@ -116,7 +116,8 @@ def _pack(
     _check_packed(q, k, v)
     _validate.check_alignment(alignment)
     _validate.check_choice("masked_rows", masked_rows, _MASKED_ROWS)
-    allowed_window = merge_causal(causal, None if window is None else normalize_window(window))
+    allowed_window = Window.merge(
+        causal=causal, window=None if window is None else Window.parse(window, typed=True))
     total_q, H = q.shape[0], q.shape[1]
     total_k = k.shape[0]
     cu_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, total_q, "queries", xp)
@@ -150,7 +151,7 @@ def _pack(
     block = row_seg == col_seg  # (total_q, total_k): block diagonal
     mask = block
     if allowed_window is not None:
-        mask = mask & window_allowed(row_pos, col_pos, *allowed_window)
+        mask = mask & allowed_window.allows(row_pos, col_pos)
     bias = None
     if alibi_slopes is not None:
         distance = xp.astype(xp.abs(row_pos - col_pos), xp.float64)

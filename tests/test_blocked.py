@@ -11,7 +11,6 @@ whatever the thread count, bounded memory, the dispatch by size and the thread s
 
 from __future__ import annotations
 
-import importlib
 import math
 import tracemalloc
 from dataclasses import dataclass, replace
@@ -22,6 +21,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import refattn
+from refattn import _front_door as attention_module
 from refattn._agnostic._backward import direct_backward, sum_to_shape
 from refattn._agnostic._blocked import (
     RESCALE_THRESHOLD,
@@ -37,9 +37,6 @@ from refattn._tolerance import rounding_bound
 from tests.test_backward import _np_sum_to, grad_bounds
 
 U64 = float(np.finfo(np.float64).eps) / 2  # unit roundoff of float64
-# The module, not the function that ``refattn.attention`` names.
-attention_module = importlib.import_module("refattn.attention")
-
 
 # --- cases ------------------------------------------------------------------------------
 

@@ -40,10 +40,13 @@ import functools
 import math
 from dataclasses import dataclass
 from decimal import Context, Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ._backward import BackwardResult
-from ._direct import DirectResult
+from .._results import AttentionGrads, AttentionResult
+from .._types import Array
+
+if TYPE_CHECKING:
+    from .._problem import AttentionProblem
 
 __all__ = [
     "compensated_attention",
@@ -551,25 +554,13 @@ def _forward(
     )
 
 
-def compensated_attention(
-    q: Any,
-    k: Any,
-    v: Any,
-    *,
-    scale: float,
-    bias: Any,
-    allowed: Any,
-    keep: Any,
-    dropout_p: float,
-    masked_rows: str,
-    need_weights: bool,
-    xp: Any,
-) -> DirectResult:
+def compensated_attention(problem: AttentionProblem, *, need_weights: bool
+                          ) -> AttentionResult:
     """Attention with double-float logits, exponentials and sums; one rounding at the end.
 
-    Same arguments and semantics as ``direct_attention`` (q, k, v float64), plus
+    The problem and semantics of ``direct_attention`` (q, k, v float64), plus
     ``need_weights``: the weights, a double-float division per score, are only formed
-    when asked for (``DirectResult.weights`` is None otherwise). Query rows are
+    when asked for (``AttentionResult.weights`` is None otherwise). Query rows are
     processed in chunks, so the extra memory is bounded (a few dozen arrays of
     ``_CHUNK_SCORES`` entries) whatever L is.
 
@@ -580,6 +571,9 @@ def compensated_attention(
     LSE by ``ulp(lse)/2 + 2^-63 + delta``: about half an ulp of max|V| for E <= 256,
     S <= 4096, C <= 2^12. The derivation is in docs/accuracy.rst.
     """
+    q, k, v, xp, scale = problem.q, problem.k, problem.v, problem.xp, problem.scale
+    bias, allowed, keep = problem.bias_with_alibi, problem.visible, problem.keep
+    dropout_p, masked_rows = problem.dropout_p, problem.masked_rows
     L, S = q.shape[-2], k.shape[-2]
     chunks = _row_chunks(q, S)
     side = _side(k, v, chunks[0].stop - chunks[0].start, xp=xp)
@@ -609,26 +603,13 @@ def compensated_attention(
             if masked_rows == "nan":
                 w = xp.where(f.row_masked, xp.asarray(xp.nan, dtype=w.dtype, device=w.device), w)
             weights.append(w)
-    return DirectResult(
+    return AttentionResult(
         out=xp.concat(outs, axis=-2), lse=xp.concat(lses, axis=-1),
         weights=xp.concat(weights, axis=-2) if need_weights else None,
     )
 
 
-def compensated_backward(
-    grad_out: Any,
-    q: Any,
-    k: Any,
-    v: Any,
-    *,
-    scale: float,
-    bias: Any,
-    allowed: Any,
-    keep: Any,
-    dropout_p: float,
-    masked_rows: str,
-    xp: Any,
-) -> BackwardResult:
+def compensated_backward(problem: AttentionProblem, grad_out: Array) -> AttentionGrads:
     """The gradients of ``direct_backward`` with double-float intermediates.
 
     With w the unnormalised weights and z their row sums from the compensated forward
@@ -641,6 +622,9 @@ def compensated_backward(
     ``direct_backward`` (without the saved ``out``/``lse``: they would carry the rounding
     this path avoids).
     """
+    q, k, v, xp, scale = problem.q, problem.k, problem.v, problem.xp, problem.scale
+    bias, allowed, keep = problem.bias_with_alibi, problem.visible, problem.keep
+    dropout_p, masked_rows = problem.dropout_p, problem.masked_rows
     dtype, device = q.dtype, q.device
     zero = xp.asarray(0.0, dtype=dtype, device=device)
     H, K, Kv, L, S = q.shape[-3], k.shape[-3], v.shape[-3], q.shape[-2], k.shape[-2]
@@ -649,7 +633,7 @@ def compensated_backward(
     if (keep is not None and dropout_p >= 1.0) or S == 0:
         dq, dk, dv = (xp.zeros(x.shape, dtype=dtype, device=device) for x in (q, k, v))
         dbias = None if bias is None else xp.zeros(bias.shape, dtype=dtype, device=device)
-        return BackwardResult(dq=dq, dk=dk, dv=dv, dbias=dbias)
+        return AttentionGrads(dq=dq, dk=dk, dv=dv, dbias=dbias)
     ch, cl = _dropout_factor(dropout_p) if keep is not None else (1.0, 0.0)
     chunks = _row_chunks(q, S)
     side = _side(k, v, chunks[0].stop - chunks[0].start, xp=xp)
@@ -743,4 +727,4 @@ def compensated_backward(
                       xp.concat([x[1] for x in db_rows], axis=-2))
         assert db_acc is not None
         dbias = rounded(db_acc[0], db_acc[1], tuple(bias.shape), (ch, cl))
-    return BackwardResult(dq=dq, dk=dk, dv=dv, dbias=dbias)
+    return AttentionGrads(dq=dq, dk=dk, dv=dv, dbias=dbias)

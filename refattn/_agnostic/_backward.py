@@ -16,40 +16,22 @@ the LSE when one is given, ``P = exp(S - lse)``, as fused backward kernels do.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
+from .._arrays import sum_to_shape
+from .._results import AttentionGrads
+from .._types import Array, Namespace
 from ._direct import apply_dropout, repeat_heads
-from ._scores import ScoreMods, final_scores, score_slopes
+from ._scores import final_scores, score_slopes
 from ._softmax import masked_softmax
 
-__all__ = ["BackwardResult", "direct_backward", "sum_groups", "sum_to_shape", "weights_from_lse"]
+if TYPE_CHECKING:
+    from .._problem import AttentionProblem
+
+__all__ = ["direct_backward", "sum_groups", "weights_from_lse"]
 
 
-@dataclass
-class BackwardResult:
-    dq: Any
-    dk: Any
-    dv: Any
-    dbias: Any
-
-
-def sum_to_shape(x: Any, shape: tuple[int, ...], *, xp: Any) -> Any:
-    """Sum ``x`` over the axes along which an array of ``shape`` was broadcast to it.
-
-    ``shape`` must broadcast to ``x.shape`` (the adjoint of broadcasting is summation).
-    """
-    shape = tuple(shape)
-    lead = x.ndim - len(shape)
-    if lead > 0:
-        x = xp.sum(x, axis=tuple(range(lead)))
-    axes = tuple(i for i, n in enumerate(shape) if n == 1 and x.shape[i] != 1)
-    if axes:
-        x = xp.sum(x, axis=axes, keepdims=True)
-    return x
-
-
-def sum_groups(x: Any, heads: int, *, xp: Any) -> Any:
+def sum_groups(x: Array, heads: int, *, xp: Namespace) -> Array:
     """(..., H, S, D) -> (..., heads, S, D), summing each group of H // heads heads.
 
     The adjoint of ``repeat_heads``: key head k served query heads k*G .. k*G+G-1.
@@ -61,7 +43,8 @@ def sum_groups(x: Any, heads: int, *, xp: Any) -> Any:
     return xp.sum(xp.reshape(x, (*lead, heads, groups, s, d)), axis=-3)
 
 
-def _apply_row_policy(weights: Any, row_masked: Any, masked_rows: str, *, xp: Any) -> Any:
+def _apply_row_policy(weights: Array, row_masked: Array, masked_rows: str, *,
+                      xp: Namespace) -> Array:
     # The same conventions as masked_softmax, for weights rebuilt from a given LSE.
     dtype, device = weights.dtype, weights.device
     if masked_rows == "nan":
@@ -72,7 +55,7 @@ def _apply_row_policy(weights: Any, row_masked: Any, masked_rows: str, *, xp: An
     return weights
 
 
-def weights_from_lse(scores: Any, lse: Any, *, masked_rows: str, xp: Any) -> Any:
+def weights_from_lse(scores: Array, lse: Array, *, masked_rows: str, xp: Namespace) -> Array:
     """Softmax weights ``exp(scores - lse)``; fully masked rows (lse = -inf) by policy.
 
     Parameters
@@ -93,47 +76,34 @@ def weights_from_lse(scores: Any, lse: Any, *, masked_rows: str, xp: Any) -> Any
     return _apply_row_policy(weights, row_masked, masked_rows, xp=xp)
 
 
-def direct_backward(
-    grad_out: Any,
-    q: Any,
-    k: Any,
-    v: Any,
-    *,
-    scale: float,
-    bias: Any,
-    allowed: Any,
-    keep: Any,
-    dropout_p: float,
-    masked_rows: str,
-    out: Any,
-    lse: Any,
-    mods: ScoreMods | None = None,
-    xp: Any,
-) -> BackwardResult:
+def direct_backward(problem: AttentionProblem, grad_out: Array, *, out: Array | None,
+                    lse: Array | None) -> AttentionGrads:
     """Gradients of ``direct_attention`` with respect to q, k, v and bias.
 
     Parameters
     ----------
+    problem
+        The forward's problem (see ``direct_attention``).
     grad_out
         (..., H, L, Ev) gradient of the output, in the compute dtype.
-    q, k, v, scale, bias, allowed, keep, dropout_p, masked_rows
-        As for ``direct_attention``.
     out
         None, or the forward output (..., H, L, Ev) to use in D = rowsum(dO * O)
         instead of recomputing it.
     lse
         None, or the forward LSE (..., H, L) to rebuild the weights from instead of
         recomputing the softmax.
-    mods
-        softcap and score_mod: the chain rule multiplies dS by their slopes (d bias
-        takes the score_mod's, dQ and dK both).
 
     Returns
     -------
-    BackwardResult
-        dq, dk, dv with the shapes of q, k, v; dbias with the shape of bias (None when
-        bias is None).
+    AttentionGrads
+        dq, dk, dv with the shapes of q, k, v; dbias with the shape of the bias with
+        ALiBi folded in (None without a bias). softcap and score_mod enter through the
+        chain rule: dS is multiplied by their slopes (d bias takes the score_mod's, dQ
+        and dK both).
     """
+    q, k, v, xp = problem.q, problem.k, problem.v, problem.xp
+    scale, bias, mods = problem.scale, problem.bias_with_alibi, problem.mods
+    keep, dropout_p, masked_rows = problem.keep, problem.dropout_p, problem.masked_rows
     dtype, device = q.dtype, q.device
     zero = xp.asarray(0.0, dtype=dtype, device=device)
     H = q.shape[-3]
@@ -142,7 +112,7 @@ def direct_backward(
     scaled = (q @ xp.matrix_transpose(kr)) * scale
     # Built exactly as the forward builds them, so the weights recomputed here are the
     # forward's weights, NaN propagation included.
-    scores = final_scores(scaled, bias=bias, allowed=allowed, mods=mods, xp=xp)
+    scores = final_scores(scaled, bias=bias, allowed=problem.visible, mods=mods, xp=xp)
     if lse is None:
         weights, lse = masked_softmax(scores, masked_rows=masked_rows, xp=xp)
     else:
@@ -179,7 +149,7 @@ def direct_backward(
     dq = (d_raw @ kr) * scale
     dk = sum_groups((xp.matrix_transpose(d_raw) @ q) * scale, k.shape[-3], xp=xp)
     dv = sum_groups(dv, v.shape[-3], xp=xp)
-    return BackwardResult(
+    return AttentionGrads(
         dq=sum_to_shape(dq, q.shape, xp=xp),
         dk=sum_to_shape(dk, k.shape, xp=xp),
         dv=sum_to_shape(dv, v.shape, xp=xp),

@@ -50,11 +50,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from .._results import AttentionGrads as BackwardResult
+from .._results import AttentionResult as DirectResult
 from .._validate import broadcast_shapes
-from ._backward import BackwardResult
-from ._direct import DirectResult
 from ._masks import alignment_shift, evaluate_mask_mod, index_grids
-from ._scores import ScoreMods, block_grids, pre_mask_scores, score_slopes
+from ._scores import ScoreMods, pre_mask_scores, score_slopes
 
 __all__ = [
     "RESCALE_THRESHOLD",
@@ -597,7 +597,7 @@ def _block_mods(inp: _Inputs, plan: _Plan, rows: _Rows, s0: int, s1: int) -> Sco
     assert inp.mods is not None
     if inp.mods.score_mod is None:
         return inp.mods
-    return replace(inp.mods, grids=_block_grids(inp.xp, plan, rows, s0, s1))
+    return replace(inp.mods, grids=_block_grids(inp.xp, plan, rows, s0, s1), on_block=True)
 
 
 def _block_grids(xp: Any, plan: _Plan, rows: _Rows, s0: int, s1: int
@@ -619,8 +619,8 @@ def _block_mask(inp: _Inputs, plan: _Plan, rows: _Rows, s0: int, s1: int) -> Any
     """The mask_mod on one block's grids, as a (g, bl, n) boolean array."""
     xp = inp.xp
     assert inp.mask_mod is not None
-    with block_grids():
-        allowed = evaluate_mask_mod(inp.mask_mod, _block_grids(xp, plan, rows, s0, s1), xp=xp)
+    allowed = evaluate_mask_mod(inp.mask_mod, _block_grids(xp, plan, rows, s0, s1), xp=xp,
+                                on_block=True)
     shape = _block_shape(plan, rows, s1 - s0)
     try:
         allowed = xp.broadcast_to(allowed, shape)
@@ -673,9 +673,8 @@ def _modded_scores(inp: _Inputs, plan: _Plan, rows: _Rows, q_shift: Any, k: Any,
     xp = inp.xp
     n = s1 - s0
     scaled = _scaled_block(inp, plan, rows, k, s0, s1)
-    with block_grids():
-        modded = pre_mask_scores(scaled, bias=_block_bias(inp, plan, rows, s0, s1),
-                                 mods=_block_mods(inp, plan, rows, s0, s1), xp=xp)
+    modded = pre_mask_scores(scaled, bias=_block_bias(inp, plan, rows, s0, s1),
+                             mods=_block_mods(inp, plan, rows, s0, s1), xp=xp)
     if tuple(modded.shape) != _block_shape(plan, rows, n):
         # A mod that broadcasts its result wider than the scores (or returns something
         # of another shape) cannot be evaluated block by block.
@@ -1325,11 +1324,10 @@ def _weights_and_dscores(
     # The chain rule through score_mod (d bias stops there) and softcap (dQ, dK go on),
     # as the direct backward applies it; the scaled scores are recomputed for the slopes.
     n = s1 - s0
-    with block_grids():
-        mod_slope, cap_slope = score_slopes(
-            _scaled_block(inp, plan, rows, k, s0, s1),
-            bias=_block_bias(inp, plan, rows, s0, s1),
-            mods=_block_mods(inp, plan, rows, s0, s1), xp=xp)
+    mod_slope, cap_slope = score_slopes(
+        _scaled_block(inp, plan, rows, k, s0, s1),
+        bias=_block_bias(inp, plan, rows, s0, s1),
+        mods=_block_mods(inp, plan, rows, s0, s1), xp=xp)
     ds3 = xp.reshape(ds, _block_shape(plan, rows, n))
     zero = xp.asarray(0.0, dtype=ds.dtype, device=ds.device)
     # Masked entries have dS = 0 exactly; a slope undefined there must not make it NaN.

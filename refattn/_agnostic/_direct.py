@@ -7,23 +7,20 @@ does not fit in memory.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
-from ._scores import ScoreMods, final_scores
+from .._results import AttentionResult
+from .._types import Array, Namespace
+from ._scores import final_scores
 from ._softmax import masked_softmax
 
-__all__ = ["DirectResult", "apply_dropout", "direct_attention", "repeat_heads"]
+if TYPE_CHECKING:
+    from .._problem import AttentionProblem
+
+__all__ = ["apply_dropout", "direct_attention", "repeat_heads"]
 
 
-@dataclass
-class DirectResult:
-    out: Any
-    lse: Any
-    weights: Any
-
-
-def repeat_heads(x: Any, groups: int, *, xp: Any) -> Any:
+def repeat_heads(x: Array, groups: int, *, xp: Namespace) -> Array:
     """Repeat each head ``groups`` times along axis -3 (torch's repeat_interleave)."""
     if groups == 1:
         return x
@@ -32,7 +29,7 @@ def repeat_heads(x: Any, groups: int, *, xp: Any) -> Any:
     return xp.reshape(expanded, (*lead, n * groups, s, d))
 
 
-def apply_dropout(x: Any, keep: Any, dropout_p: float, *, xp: Any) -> Any:
+def apply_dropout(x: Array, keep: Array | None, dropout_p: float, *, xp: Namespace) -> Array:
     """Dropout through a keep-mask: dropped entries 0, kept ones scaled by 1 / (1 - p).
 
     ``dropout_p == 1`` drops everything (zeros, not the 0 * inf of a 1/(1-p) scale).
@@ -45,47 +42,25 @@ def apply_dropout(x: Any, keep: Any, dropout_p: float, *, xp: Any) -> Any:
     return xp.where(keep, x, zero) * (1.0 / (1.0 - dropout_p))
 
 
-def direct_attention(
-    q: Any,
-    k: Any,
-    v: Any,
-    *,
-    scale: float,
-    bias: Any,
-    allowed: Any,
-    keep: Any,
-    dropout_p: float,
-    masked_rows: str,
-    mods: ScoreMods | None = None,
-    xp: Any,
-) -> DirectResult:
+def direct_attention(problem: AttentionProblem) -> AttentionResult:
     """Attention with every intermediate materialised.
 
-    Parameters
-    ----------
-    q, k, v
-        (..., H, L, E), (..., K, S, E), (..., Kv, S, Ev) in the compute dtype, with
-        K and Kv dividing H.
-    scale
-        Multiplies q @ k^T.
-    bias
-        None or an additive float array broadcastable to (..., H, L, S).
-    allowed
-        None or a boolean array broadcastable to (..., H, L, S): False masks a score.
-    keep
-        None or a boolean dropout keep-mask broadcastable to (..., H, L, S).
-    dropout_p
-        Kept weights are scaled by 1 / (1 - dropout_p); dropout_p == 1 drops all.
-    masked_rows
-        Policy for fully masked rows (see ``masked_softmax``).
-    mods
-        softcap and score_mod, applied around the bias (see ``_scores``).
+    Reads q, k, v (K and Kv dividing H), the scale, the bias with ALiBi, every mask
+    at once (``problem.visible``), softcap and score_mod (``problem.mods``), the
+    keep-mask and the masked-row policy from the problem.
+
+    Returns
+    -------
+    AttentionResult
+        ``out`` (..., H, L, Ev), ``lse`` (..., H, L) and ``weights`` (..., H, L, S),
+        all in the compute form.
     """
-    H = q.shape[-3]
-    k = repeat_heads(k, H // k.shape[-3], xp=xp)
-    v = repeat_heads(v, H // v.shape[-3], xp=xp)
-    scores = final_scores((q @ xp.matrix_transpose(k)) * scale, bias=bias, allowed=allowed,
-                          mods=mods, xp=xp)
-    weights, lse = masked_softmax(scores, masked_rows=masked_rows, xp=xp)
-    out = apply_dropout(weights, keep, dropout_p, xp=xp) @ v
-    return DirectResult(out=out, lse=lse, weights=weights)
+    p, xp = problem, problem.xp
+    H = p.q.shape[-3]
+    k = repeat_heads(p.k, H // p.k.shape[-3], xp=xp)
+    v = repeat_heads(p.v, H // p.v.shape[-3], xp=xp)
+    scores = final_scores((p.q @ xp.matrix_transpose(k)) * p.scale, bias=p.bias_with_alibi,
+                          allowed=p.visible, mods=p.mods, xp=xp)
+    weights, lse = masked_softmax(scores, masked_rows=p.masked_rows, xp=xp)
+    out = apply_dropout(weights, p.keep, p.dropout_p, xp=xp) @ v
+    return AttentionResult(out=out, lse=lse, weights=weights)

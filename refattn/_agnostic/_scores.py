@@ -1,46 +1,30 @@
 """The score transformations between the scaled product and the masks.
 
-In DESIGN.md's order, ``scale -> softcap -> bias (ALiBi folded in) -> score_mod ->
-masks``. The direct path and its backward apply ``pre_mask_scores`` to the whole
+In the documented order (docs/semantics.rst), ``scale -> softcap -> bias (ALiBi folded
+in) -> score_mod -> masks``. The direct path and its backward apply ``pre_mask_scores`` to the whole
 (..., H, L, S) array; ``score_slopes`` gives the chain rule factors the backward needs.
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ScoreMods", "block_grids", "final_scores", "on_block_grids", "pre_mask_scores",
-           "score_slopes"]
-
-# Set while the blocked path evaluates a score_mod on one block's grids (per thread: the
-# blocks run on worker threads).
-_block_state = threading.local()
+__all__ = ["ScoreMods", "final_scores", "mod_for_grids", "pre_mask_scores", "score_slopes"]
 
 
-@contextmanager
-def block_grids() -> Iterator[None]:
-    """Mark, on this thread, that the mods are called on one block's grids.
+def mod_for_grids(mod: Callable[..., Any], *, on_block: bool) -> Callable[..., Any]:
+    """The callable to evaluate a score_mod or mask_mod with on these grids.
 
     A block's ``b`` grid holds one flat batch index and its ``h`` grid a run of heads,
     so a mod cannot check a table against the whole batch or every head there (the
-    blocked path does that once, on whole grids, before the blocks); ``on_block_grids``
-    tells the mods of ``refattn.mods`` to check only that their indices are in range.
+    blocked path does that once, on whole grids, before the blocks). A mod may carry an
+    ``on_block`` attribute: the variant the blocked path calls on a block's grids
+    instead (the mods of ``refattn.mods`` that hold tables check only that the indices
+    they see are in range there). Other mods are called as they are.
     """
-    previous = getattr(_block_state, "active", False)
-    _block_state.active = True
-    try:
-        yield
-    finally:
-        _block_state.active = previous
-
-
-def on_block_grids() -> bool:
-    """True inside ``block_grids`` on this thread."""
-    return getattr(_block_state, "active", False)
+    return getattr(mod, "on_block", mod) if on_block else mod
 
 
 @dataclass(frozen=True)
@@ -50,6 +34,13 @@ class ScoreMods:
     softcap: float | None = None
     score_mod: Callable[..., Any] | None = None
     grids: tuple[Any, Any, Any, Any] | None = None
+    #: True when ``grids`` are one block's (the blocked path): see ``mod_for_grids``.
+    on_block: bool = False
+
+    def call_score_mod(self, score: Any) -> Any:
+        """``score_mod(score, *grids)`` with the variant these grids call for."""
+        assert self.score_mod is not None and self.grids is not None
+        return mod_for_grids(self.score_mod, on_block=self.on_block)(score, *self.grids)
 
     @property
     def active(self) -> bool:
@@ -64,8 +55,7 @@ def pre_mask_scores(scaled: Any, *, bias: Any, mods: ScoreMods | None, xp: Any) 
     if bias is not None:
         s = s + bias
     if mods is not None and mods.score_mod is not None:
-        assert mods.grids is not None
-        s = mods.score_mod(s, *mods.grids)
+        s = mods.call_score_mod(s)
         if getattr(s, "dtype", None) != scaled.dtype:
             raise TypeError(
                 "score_mod must return an array of the scores' dtype "
@@ -108,11 +98,12 @@ def score_slopes(scaled: Any, *, bias: Any, mods: ScoreMods, xp: Any) -> tuple[A
     mod_slope: Any = one
     if mods.score_mod is not None:
         assert mods.grids is not None
-        derivative = getattr(mods.score_mod, "derivative", None)
+        mod = mod_for_grids(mods.score_mod, on_block=mods.on_block)
+        derivative = getattr(mod, "derivative", None)
         if derivative is not None:
             mod_slope = derivative(s, *mods.grids)
         else:
-            mod_slope = _affine_slope(mods.score_mod, s, mods.grids, xp=xp)
+            mod_slope = _affine_slope(mod, s, mods.grids, xp=xp)
     return mod_slope, cap_slope
 
 

@@ -25,19 +25,10 @@ def flash_backward(
     out: Any,
     lse: Any,
     *,
-    scale: float,
-    causal: bool = False,
-    alignment: str = "top_left",
     compute_dtype: str,
     need_dbias: bool = False,
-    window: tuple[int | None, int | None] | None = None,
-    mask: Any = None,
-    bias: Any = None,
-    dropout_mask: Any = None,
-    dropout_p: float = 0.0,
-    masked_rows: str = "zero",
-    softcap: float | None = None,
     xp: Any = None,
+    **options: Any,
 ) -> tuple[Any, Any, Any, Any]:
     """Gradients of :func:`flash_forward` with the fused kernels: ``(dq, dk, dv, dbias)``.
 
@@ -57,9 +48,8 @@ def flash_backward(
     out, lse : arrays (B, H, L, Ev) and (B, H, L)
         The forward's output and LSE for the same options (-inf marks a fully masked
         row).
-    scale, causal, alignment, compute_dtype, window, mask, bias, dropout_mask, \
-dropout_p, masked_rows, softcap
-        The forward's options, as :func:`flash_forward` takes them.
+    compute_dtype, **options
+        The forward's dtype and score options, as :func:`flash_forward` takes them.
     need_dbias : bool
         Also return dS, the gradient of an additive bias, at the full (B, H, L, S): the
         caller sums it over the axes its bias was broadcast along.
@@ -106,11 +96,7 @@ dropout_p, masked_rows, softcap
         )
     if not lse.flags.c_contiguous:
         raise ValueError("lse must be C-contiguous")
-    opts = _operands.kernel_options(
-        shape=(B, H, L, S), dtype=compute_dtype, scale=scale, causal=causal, window=window,
-        alignment=alignment, mask=mask, bias=bias, dropout_mask=dropout_mask,
-        dropout_p=dropout_p, masked_rows=masked_rows, softcap=softcap, xp=xp,
-    )
+    opts = _operands.kernel_options(shape=(B, H, L, S), dtype=compute_dtype, xp=xp, **options)
     with on_device(q):
         return _launch_backward(dout, q, k, v, out, lse, opts, compute_dtype=compute_dtype,
                                 need_dbias=need_dbias, xp=xp)
@@ -183,19 +169,10 @@ def flash_attention_backward(
     lse: Any,
     *,
     batch_shape: tuple[int, ...],
-    scale: float,
-    causal: bool = False,
-    alignment: str = "top_left",
     compute_dtype: Any,
     need_dbias: bool = False,
-    window: tuple[int | None, int | None] | None = None,
-    mask: Any = None,
-    bias: Any = None,
-    dropout_mask: Any = None,
-    dropout_p: float = 0.0,
-    masked_rows: str = "zero",
-    softcap: float | None = None,
     xp: Any = None,
+    **options: Any,
 ) -> tuple[Any, Any, Any, Any]:
     """:func:`flash_backward` for inputs with any leading (batch) dims.
 
@@ -230,13 +207,9 @@ def flash_attention_backward(
     lse4 = xp.reshape(lse4, (math.prod(batch), *lse.shape[-2:]))
     if not lse4.flags.c_contiguous:
         lse4 = lse4.copy(order="C")
-    mask4, bias4, keep4 = (_operands.flatten_batch(x, batch, xp)
-                           for x in (mask, bias, dropout_mask))
     dq, dk, dv, dbias = flash_backward(
-        dout4, q4, k4, v4, out4, lse4, scale=scale, causal=causal, alignment=alignment,
-        compute_dtype=np.dtype(compute_dtype).name, need_dbias=need_dbias, window=window,
-        mask=mask4, bias=bias4, dropout_mask=keep4, dropout_p=dropout_p,
-        masked_rows=masked_rows, softcap=softcap, xp=xp,
+        dout4, q4, k4, v4, out4, lse4, compute_dtype=np.dtype(compute_dtype).name,
+        need_dbias=need_dbias, xp=xp, **_operands.flatten_operands(options, batch, xp),
     )
     dq, dk, dv = (xp.reshape(g, (*batch, *g.shape[1:])) for g in (dq, dk, dv))
     if dbias is not None:

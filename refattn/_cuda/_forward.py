@@ -66,19 +66,10 @@ def flash_forward(
     k: Any,
     v: Any,
     *,
-    scale: float,
-    causal: bool = False,
-    alignment: str = "top_left",
     compute_dtype: str,
     need_lse: bool,
-    window: tuple[int | None, int | None] | None = None,
-    mask: Any = None,
-    bias: Any = None,
-    dropout_mask: Any = None,
-    dropout_p: float = 0.0,
-    masked_rows: str = "zero",
-    softcap: float | None = None,
     xp: Any = None,
+    **options: Any,
 ) -> tuple[Any, Any]:
     """Attention forward with the fused kernel: ``(out, lse)``, lse None unless asked.
 
@@ -88,36 +79,14 @@ def flash_forward(
         C-contiguous CuPy arrays (NumPy arrays under the CPU shim), already broadcast to
         one batch dim and cast to `compute_dtype`. K and Kv must divide H: query head h
         reads key head ``h // (H // K)`` and value head ``h // (H // Kv)``.
-    scale : float
-        Multiplies q.k before the softmax.
-    causal : bool
-        Mask keys after each query's diagonal (the window (None, 0)).
-    alignment : {"top_left", "bottom_right"}
-        Query i sits at key position i + shift, shift = 0 (top left) or S - L (bottom
-        right), for causal and the window alike.
     compute_dtype : {"float32", "float64"}
         The dtype of the inputs and of every operation in the kernel.
     need_lse : bool
         Return the natural-log LSE of each row, (B, H, L); -inf for a fully masked row.
-    window : (left, right), optional
-        Query i sees keys j with ``i + shift - left <= j <= i + shift + right``; None or
-        -1 leaves a side unlimited. Intersected with `causal`. Key tiles outside every
-        row's window are skipped.
-    mask : bool array, optional
-        True = take part; broadcastable to (B, H, L, S), at most 4-D. Read through the
-        strides of its broadcast view: it is never expanded.
-    bias : array, optional
-        Added to the (softcapped) scores; `compute_dtype`, broadcastable like `mask`.
-    dropout_mask : bool array, optional
-        The keep-mask (True = keep), broadcastable like `mask`; needs `dropout_p` > 0.
-        Kept weights are scaled by 1 / (1 - dropout_p); dropout_p = 1 gives zeros.
-    dropout_p : float
-        The probability `dropout_mask` was drawn with.
-    masked_rows : {"zero", "nan", "uniform"}
-        Output of a row whose every score is -inf: 0, NaN, or the (dropped-out) mean of
-        all values. Its LSE is -inf under every policy.
-    softcap : float, optional
-        ``c * tanh(s / c)`` on the scaled scores, before the bias.
+    **options
+        The score options, as :func:`refattn._cuda._operands.kernel_options` takes them:
+        ``scale`` (required), ``causal``, ``alignment``, ``window``, ``mask``, ``bias``,
+        ``dropout_mask``, ``dropout_p``, ``masked_rows``, ``softcap``.
     xp : namespace, optional
         The inputs' array namespace (the dispatcher passes the one it inferred).
 
@@ -150,11 +119,7 @@ def flash_forward(
 
         xp = array_api_compat.array_namespace(q, k, v)
     B, H, K, Kv, L, S, E, Ev = check_qkv(q, k, v, compute_dtype)
-    opts = _operands.kernel_options(
-        shape=(B, H, L, S), dtype=compute_dtype, scale=scale, causal=causal, window=window,
-        alignment=alignment, mask=mask, bias=bias, dropout_mask=dropout_mask,
-        dropout_p=dropout_p, masked_rows=masked_rows, softcap=softcap, xp=xp,
-    )
+    opts = _operands.kernel_options(shape=(B, H, L, S), dtype=compute_dtype, xp=xp, **options)
     with on_device(q):
         return _launch_forward(q, k, v, opts, compute_dtype=compute_dtype,
                                need_lse=need_lse, xp=xp)
@@ -210,19 +175,10 @@ def flash_attention(
     v: Any,
     *,
     batch_shape: tuple[int, ...],
-    scale: float,
-    causal: bool = False,
-    alignment: str = "top_left",
     compute_dtype: Any,
     need_lse: bool,
-    window: tuple[int | None, int | None] | None = None,
-    mask: Any = None,
-    bias: Any = None,
-    dropout_mask: Any = None,
-    dropout_p: float = 0.0,
-    masked_rows: str = "zero",
-    softcap: float | None = None,
     xp: Any = None,
+    **options: Any,
 ) -> tuple[Any, Any]:
     """:func:`flash_forward` for inputs with any leading (batch) dims.
 
@@ -250,13 +206,9 @@ def flash_attention(
         xp = array_api_compat.array_namespace(q, k, v)
     batch = tuple(int(n) for n in batch_shape)
     q4, k4, v4 = (kernel_layout(x, batch, xp) for x in (q, k, v))
-    mask4, bias4, keep4 = (_operands.flatten_batch(x, batch, xp)
-                           for x in (mask, bias, dropout_mask))
-    out, lse = flash_forward(q4, k4, v4, scale=scale, causal=causal, alignment=alignment,
-                             compute_dtype=np.dtype(compute_dtype).name, need_lse=need_lse,
-                             window=window, mask=mask4, bias=bias4, dropout_mask=keep4,
-                             dropout_p=dropout_p, masked_rows=masked_rows, softcap=softcap,
-                             xp=xp)
+    out, lse = flash_forward(q4, k4, v4, compute_dtype=np.dtype(compute_dtype).name,
+                             need_lse=need_lse, xp=xp,
+                             **_operands.flatten_operands(options, batch, xp))
     out = xp.reshape(out, (*batch, *out.shape[1:]))
     if lse is not None:
         lse = xp.reshape(lse, (*batch, *lse.shape[1:]))

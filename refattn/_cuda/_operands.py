@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from .._window import Window
+
 __all__ = [
     "FLAG_BIAS",
     "FLAG_DBIAS",
@@ -41,13 +43,16 @@ FLAG_DBIAS = 16
 MASKED_ROWS = {"zero": 0, "nan": 1, "uniform": 2}
 
 _SCALAR = {"float32": np.float32, "float64": np.float64}
+# The score options that are arrays broadcastable to (..., H, L, S).
+_OPERANDS = ("mask", "bias", "dropout_mask")
 
 
 def window_edges(causal: bool, window: Any) -> tuple[int, int]:
     """The kernels' (left, right) window edges, -1 for unlimited, causal merged in.
 
     Query i sees keys j with ``-left <= j - (i + shift) <= right``; causal is the window
-    (None, 0), and with a window the two intersect.
+    (None, 0), and with a window the two intersect. ``window`` is a ``Window``, a pair
+    (None or -1 = unlimited side) or None.
 
     Examples
     --------
@@ -56,24 +61,8 @@ def window_edges(causal: bool, window: Any) -> tuple[int, int]:
     """
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be True or False; got {causal!r}")
-    left = right = -1
-    if window is not None:
-        if not isinstance(window, (tuple, list)) or len(window) != 2:
-            raise TypeError(f"window must be a pair (left, right) or None; got {window!r}")
-        edges = []
-        for side, value in zip(("left", "right"), window, strict=True):
-            if value is None or (isinstance(value, numbers.Integral)
-                                 and not isinstance(value, bool) and value >= -1):
-                edges.append(-1 if value is None else int(value))
-            else:
-                raise ValueError(
-                    f"window's {side} edge must be a non-negative int, or None / -1 for "
-                    f"unlimited; got {value!r}"
-                )
-        left, right = edges
-    if causal:
-        right = 0 if right < 0 else min(right, 0)
-    return left, right
+    merged = Window.merge(causal=causal, window=None if window is None else Window.parse(window))
+    return (-1, -1) if merged is None else merged.edges()
 
 
 def _dtype_name(x: Any) -> str:
@@ -141,18 +130,27 @@ def kernel_options(
     shape: tuple[int, int, int, int],
     dtype: str,
     scale: float,
-    causal: bool,
-    window: Any,
-    alignment: str,
-    mask: Any,
-    bias: Any,
-    dropout_mask: Any,
-    dropout_p: float,
-    masked_rows: str,
-    softcap: float | None,
+    causal: bool = False,
+    window: Any = None,
+    alignment: str = "top_left",
+    mask: Any = None,
+    bias: Any = None,
+    dropout_mask: Any = None,
+    dropout_p: float = 0.0,
+    masked_rows: str = "zero",
+    softcap: float | None = None,
     xp: Any,
 ) -> KernelOptions:
     """Check the options of a kernel launch on (B, H, L, S) = `shape` and pack them.
+
+    The one list of the kernels' score options, which every kernel entry point takes as
+    keywords: ``scale`` multiplies q.k; ``causal`` and ``window`` (left, right) bound
+    the keys each query sees, query i at key position i + shift with shift 0
+    (``alignment="top_left"``) or S - L; ``mask`` (bool, True = take part), ``bias``
+    (added after softcap) and ``dropout_mask`` (bool, True = keep) broadcast to (B, H,
+    L, S) and are read through their strides; ``dropout_p`` is the probability the
+    keep-mask was drawn with; ``masked_rows`` the output policy of a fully masked row
+    ("zero", "nan", "uniform"); ``softcap`` c gives ``c * tanh(s / c)``.
 
     Raises ValueError, naming the argument, for what breaks the kernels' contract:
     operands of the wrong dtype or shape, dropout without a keep-mask, a bad policy.
@@ -201,6 +199,13 @@ def kernel_options(
         shift=0 if alignment == "top_left" else S - L, win_left=left, win_right=right,
         masked_rows=MASKED_ROWS[masked_rows], all_dropped=p == 1.0,
     )
+
+
+def flatten_operands(options: dict[str, Any], batch: tuple[int, ...], xp: Any
+                     ) -> dict[str, Any]:
+    """``options`` with its mask, bias and dropout_mask flattened by :func:`flatten_batch`."""
+    return {name: flatten_batch(value, batch, xp) if name in _OPERANDS else value
+            for name, value in options.items()}
 
 
 def flatten_batch(x: Any, batch: tuple[int, ...], xp: Any) -> Any:

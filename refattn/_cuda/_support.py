@@ -8,13 +8,17 @@ backward kernels implement the same options.
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ._launch import MAX_HEAD_DIM
 
-__all__ = ["SUPPORTED_OPTIONS", "supported_options", "unsupported_option"]
+if TYPE_CHECKING:
+    from .._problem import AttentionProblem
+
+__all__ = ["SUPPORTED_OPTIONS", "supported_options", "unsupported", "unsupported_option"]
 
 #: Options the kernels honour at any value (GQA is inferred from the shapes).
 #: ``mask_mod`` arrives as the boolean array the front door evaluates it to (ANDed into
@@ -106,3 +110,31 @@ def unsupported_option(
     if value_head_dim is not None and value_head_dim > MAX_HEAD_DIM:
         return f"value head dim Ev={value_head_dim} (the kernel takes at most {MAX_HEAD_DIM})"
     return None
+
+
+# The fields of AttentionProblem the kernels read as they are (``_paths``), and those
+# ``unsupported`` checks: a new field must be added to one or the other, so that a new
+# option cannot reach the kernels unnoticed.
+_PROBLEM_FIELDS_TAKEN = frozenset({
+    "xp", "device", "shapes", "q", "k", "v", "mask", "mask_mod", "bias", "alibi_slopes",
+    "window", "alignment", "shift", "keep", "scale", "dropout_p", "masked_rows", "layout",
+    "in_dtype", "compute_dtype", "implementation",
+})
+_PROBLEM_FIELDS_CHECKED = frozenset({"mods", "precision"})
+
+
+def unsupported(problem: AttentionProblem, *, return_weights: bool) -> str | None:
+    """The first thing in ``problem`` the kernels cannot honour, described, or None.
+
+    Raises TypeError for a problem field the kernel layer does not know (see
+    ``_PROBLEM_FIELDS_TAKEN``), so that a new option has to be decided here.
+    """
+    fields = {f.name for f in dataclasses.fields(problem)}
+    unknown = sorted(fields - _PROBLEM_FIELDS_TAKEN - _PROBLEM_FIELDS_CHECKED)
+    if unknown:
+        raise TypeError(f"unknown attention option {unknown[0]!r}")
+    return unsupported_option(
+        score_mod=problem.mods.score_mod, precision=problem.precision,
+        return_weights=return_weights, head_dim=problem.shapes.E,
+        value_head_dim=problem.shapes.Ev,
+    )

@@ -14,8 +14,14 @@ selectable (forward, reverse, seeded random) so that races show up as
 schedule-dependent results, uninitialised dynamic shared memory reads back as NaN, and
 ``sanitize=True`` runs the launch in an AddressSanitizer build in a subprocess.
 
-This package is a testing tool: nothing in refattn imports it at run time.
+This package is a testing tool: nothing in refattn imports it at run time. It plugs
+itself in as the kernels' backend: ``refattn._cuda._modules.set_module_factory`` builds
+the kernels with :class:`ShimModule`, and :func:`serve_numpy_arrays` lets
+``refattn.attention`` route NumPy arrays to them.
 """
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from ._build import build, cache_dir, compiler
 from ._errors import (
@@ -36,6 +42,21 @@ from ._module import (
     sanitizer_available,
 )
 
+
+@contextmanager
+def serve_numpy_arrays() -> Iterator[None]:
+    """While inside, ``refattn.attention`` sends NumPy inputs to the CUDA kernels.
+
+    Pair it with a shim module factory (``_modules.set_module_factory(ShimModule)``) so
+    that the kernels run here on the CPU; the dispatch glue (option support, fallbacks,
+    result shapes) is then tested without a GPU.
+    """
+    from .._front_door import kernels_take
+
+    with kernels_take("numpy"):
+        yield
+
+
 __all__ = [
     "DEFAULT_DYNAMIC_SMEM",
     "MAX_DYNAMIC_SMEM",
@@ -53,4 +74,5 @@ __all__ = [
     "cache_dir",
     "compiler",
     "sanitizer_available",
+    "serve_numpy_arrays",
 ]

@@ -28,9 +28,9 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
+from .._front_door import attention
 from .._namespace import infer_namespace, library_name
 from .._validate import check_dropout_p
-from ..attention import attention
 
 __all__ = ["MultiheadAttention", "multi_head_attention_forward"]
 

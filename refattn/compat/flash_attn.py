@@ -28,8 +28,8 @@ import numbers
 from typing import Any, NamedTuple
 
 from .. import _validate
+from .._front_door import attention
 from .._namespace import infer_namespace
-from ..attention import attention
 from ..kvcache import attention_with_kvcache
 from ..varlen import attention_varlen
 

@@ -26,8 +26,8 @@ import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+from .._front_door import attention
 from .._namespace import infer_namespace
-from ..attention import attention
 
 __all__ = ["AuxOutput", "BlockMask", "create_block_mask", "flex_attention"]
 

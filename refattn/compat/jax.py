@@ -32,8 +32,8 @@ import array_api_compat
 import numpy as np
 
 from .. import _validate
+from .._front_door import attention
 from .._namespace import infer_namespace
-from ..attention import attention
 
 __all__ = ["dot_product_attention"]
 

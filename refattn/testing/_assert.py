@@ -28,8 +28,8 @@ import array_api_compat
 import numpy as np
 
 from .. import _tolerance
+from .._front_door import attention, attention_backward
 from .._namespace import library_name
-from ..attention import attention, attention_backward
 from ._baseline import EPS, SCALE_PLACEMENTS, dtype_name, low_precision_baseline, to_numpy64
 
 __all__ = ["assert_attention_close", "assert_close", "decode_flash_dropout_mask"]

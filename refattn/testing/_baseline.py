@@ -36,8 +36,8 @@ from typing import Any
 
 import numpy as np
 
+from .._front_door import attention, attention_backward
 from .._namespace import library_name
-from ..attention import attention, attention_backward
 
 __all__ = [
     "EPS",

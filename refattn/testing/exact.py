@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .._namespace import infer_namespace
-from ..attention import _prepare
+from .._problem import build_problem
 
 __all__ = ["MAX_SCORES", "ExactResult", "exact_attention"]
 
@@ -254,10 +254,9 @@ def exact_attention(
     mpmath = _import_mpmath()
     digits = _check_digits(digits)
     cap = _check_softcap(softcap)
-    prep = _prepare(
+    prep = build_problem(
         q, k, v, mask=mask, bias=bias, causal=causal, alignment=alignment, scale=scale,
-        dropout_p=dropout_p, dropout_mask=dropout_mask, rng=None, masked_rows=masked_rows,
-        layout="BHLD", compute_dtype=None, precision="standard", implementation=None, xp=xp,
+        dropout_p=dropout_p, dropout_mask=dropout_mask, masked_rows=masked_rows, xp=xp,
     )
     xp, device, shapes = prep.xp, prep.device, prep.shapes
     n_scores = math.prod(shapes.scores)
@@ -294,10 +293,10 @@ def exact_attention(
         scores = cap_mp * capped
     else:
         scores = T
-    if prep.bias is not None:
-        scores = scores + ex.mpf(_host(prep.bias))
-    if prep.allowed is not None:
-        scores = np.where(_host(prep.allowed), scores, ctx.ninf)
+    if prep.bias_with_alibi is not None:
+        scores = scores + ex.mpf(_host(prep.bias_with_alibi))
+    if prep.visible is not None:
+        scores = np.where(_host(prep.visible), scores, ctx.ninf)
     scores = np.broadcast_to(scores, shapes.scores)
 
     if S == 0:

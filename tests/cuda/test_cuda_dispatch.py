@@ -1,39 +1,36 @@
 """``refattn.attention`` and ``attention_backward`` route to the fused kernels: the dispatch
-glue, run on the CPU shim by letting NumPy arrays through to the kernels
-(``_KERNEL_LIBRARIES``). Tolerances are the derived bounds of ``tests/cuda/_bounds.py``.
+glue, run on the CPU shim, which serves NumPy arrays to the kernels
+(``serve_numpy_arrays``). Tolerances are the derived bounds of ``tests/cuda/_bounds.py``.
 """
 
 from __future__ import annotations
 
-import importlib
 import re
 
 import numpy as np
 import pytest
 
 import refattn
-from refattn import _cuda
+from refattn._cuda import _paths
+from refattn._cuda_shim import serve_numpy_arrays
 from tests.cuda._bounds import Problem, backward_tolerance, forward_tolerance, mismatch
-
-# The module, not the function refattn.attention that shadows it in the package.
-attention_module = importlib.import_module("refattn.attention")
 
 
 @pytest.fixture
 def kernel_calls(shim_backend, monkeypatch):
     """Route NumPy inputs to the kernels on the shim; record which entry points ran."""
     shim_backend()
-    monkeypatch.setattr(attention_module, "_KERNEL_LIBRARIES", frozenset({"numpy"}))
     calls: list[str] = []
     for name in ("flash_attention", "flash_attention_backward"):
-        real = getattr(_cuda, name)
+        real = getattr(_paths, name)
 
         def counting(*args, _real=real, _name=name, **kwargs):
             calls.append(_name)
             return _real(*args, **kwargs)
 
-        monkeypatch.setattr(_cuda, name, counting)
-    return calls
+        monkeypatch.setattr(_paths, name, counting)
+    with serve_numpy_arrays():
+        yield calls
 
 
 def _data(seed=0, *, batch=(2,), H=4, K=2, Kv=1, L=7, S=9, E=16, Ev=8):
