@@ -75,27 +75,11 @@ def _prepare_inputs(
     # [dO, -D] times its transpose gives dP - D in the backward. The copies are not
     # made here: the forward makes them where they pay (blocked_attention), the backward
     # per work item, in parallel (``_augmented_keys``).
-    bias_max: float | None = 0.0
-    bias_min = 0.0
-    if bias is not None:
-        bias_max = float(xp.max(bias)) if math.prod(bias.shape) else 0.0
-        bias_min = float(xp.min(bias)) if math.prod(bias.shape) else 0.0
-        if not bias_max < math.inf:  # NaN or +inf: no bound on the scores
-            bias_max = None
-    alibi = None
-    if alibi_slopes is not None:
-        alibi = _pad_rank(alibi_slopes, n - 2, xp)
-        # -slope * distance is <= 0 for slopes >= 0; a negative slope makes it positive,
-        # up to |slope| (L + S).
-        sized = math.prod(alibi_slopes.shape) > 0
-        rise = max(0.0, -float(xp.min(alibi_slopes))) * (plan.L + plan.S) if sized else 0.0
-        fall = max(0.0, float(xp.max(alibi_slopes))) * (plan.L + plan.S) if sized else 0.0
-        if bias_max is not None:
-            bias_max = bias_max + rise if rise < math.inf else None
-        bias_min = bias_min - fall if fall < math.inf else -math.inf
+    bias_max, bias_min = _bias_range(bias, alibi_slopes, plan, xp)
     inputs = _Inputs(
-        q=_pad_rank(q, n, xp), scale=scale, k=kp, v=vp,
-        bias=_pad_rank(bias, n, xp), alibi=alibi, allowed=_pad_rank(allowed, n, xp),
+        q=_pad_rank(q, n, xp), scale=scale, k=kp, v=vp, bias=_pad_rank(bias, n, xp),
+        alibi=None if alibi_slopes is None else _pad_rank(alibi_slopes, n - 2, xp),
+        allowed=_pad_rank(allowed, n, xp),
         keep=_pad_rank(keep, n, xp), k_norm=xp.sqrt(xp.max(xp.vecdot(kp, kp), axis=-1)),
         bias_max=bias_max, bias_min=bias_min if bias_min == bias_min else -math.inf,
         # The cached triangles cover the causal diagonal alone, not a window's lower edge.
@@ -107,6 +91,29 @@ def _prepare_inputs(
     )
     _probe_mods(mods, mask_mod, plan, q, xp)
     return inputs
+
+
+def _bias_range(bias: Array | None, alibi_slopes: Array | None, plan: _Plan,
+                xp: Namespace) -> tuple[float | None, float]:
+    """``(bias_max, bias_min)``: the largest and smallest additive term of a score, the
+    bias and ALiBi together; bias_max None when a NaN or +inf leaves no bound."""
+    bias_max: float | None = 0.0
+    bias_min = 0.0
+    if bias is not None:
+        bias_max = float(xp.max(bias)) if math.prod(bias.shape) else 0.0
+        bias_min = float(xp.min(bias)) if math.prod(bias.shape) else 0.0
+        if not bias_max < math.inf:  # NaN or +inf: no bound on the scores
+            bias_max = None
+    if alibi_slopes is not None:
+        # -slope * distance is <= 0 for slopes >= 0; a negative slope makes it positive,
+        # up to |slope| (L + S).
+        sized = math.prod(alibi_slopes.shape) > 0
+        rise = max(0.0, -float(xp.min(alibi_slopes))) * (plan.L + plan.S) if sized else 0.0
+        fall = max(0.0, float(xp.max(alibi_slopes))) * (plan.L + plan.S) if sized else 0.0
+        if bias_max is not None:
+            bias_max = bias_max + rise if rise < math.inf else None
+        bias_min = bias_min - fall if fall < math.inf else -math.inf
+    return bias_max, bias_min
 
 
 def _probe_mods(mods: ScoreMods | None, mask_mod: Callable[..., Any] | None,
