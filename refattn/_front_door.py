@@ -15,8 +15,7 @@ from typing import Any
 from . import _threads, _validate
 from ._agnostic._accurate import compensated_attention, compensated_backward
 from ._agnostic._backward import direct_backward
-from ._agnostic._blocked import blocked_attention as _blocked_attention_kw
-from ._agnostic._blocked import blocked_attention_backward as _blocked_backward_kw
+from ._agnostic._blocked import blocked_attention, blocked_attention_backward
 from ._agnostic._direct import direct_attention
 from ._arrays import sum_to_shape
 from ._namespace import infer_namespace, library_name
@@ -62,36 +61,6 @@ def kernels_take(library: str) -> Iterator[None]:
     finally:
         if added:
             _kernel_libraries.discard(library)
-
-
-def _blocked_structure(problem: AttentionProblem) -> dict[str, Any]:
-    w = problem.window
-    return {
-        "allowed": problem.mask, "mask_mod": problem.mask_mod, "causal": problem.causal,
-        "window_left": None if w is None else w.left, "alignment": problem.alignment,
-        "diagonal_offset": 0 if w is None or w.right is None else w.right,
-        "bias": problem.bias, "alibi_slopes": problem.alibi_slopes,
-    }
-
-
-def blocked_attention(problem: AttentionProblem, *, return_weights: bool,
-                      num_threads: int) -> AttentionResult:
-    p = problem
-    r = _blocked_attention_kw(p.q, p.k, p.v, scale=p.scale, keep=p.keep,
-                              dropout_p=p.dropout_p, masked_rows=p.masked_rows,
-                              **_blocked_structure(p), return_weights=return_weights,
-                              num_threads=num_threads, mods=p.mods, xp=p.xp)
-    return AttentionResult(out=r.out, lse=r.lse, weights=r.weights)
-
-
-def blocked_attention_backward(problem: AttentionProblem, dout: Array, *, out: Array | None,
-                               lse: Array | None, num_threads: int) -> AttentionGrads:
-    p = problem
-    g = _blocked_backward_kw(dout, p.q, p.k, p.v, scale=p.scale, keep=p.keep,
-                             dropout_p=p.dropout_p, masked_rows=p.masked_rows, out=out,
-                             lse=lse, **_blocked_structure(p), num_threads=num_threads,
-                             mods=p.mods, xp=p.xp)
-    return AttentionGrads(dq=g.dq, dk=g.dk, dv=g.dv, dbias=g.dbias)
 
 
 def _use_blocked(problem: AttentionProblem) -> bool:

@@ -331,7 +331,7 @@ def test_a_non_affine_mod_without_derivative_is_refused_by_the_blocked_backward(
 def small_blocks(monkeypatch):
     """Blocks of 7 query rows x 9 keys through the front door, so that the ready-made
     mods meet many blocks (block grids of one batch index and one run of heads)."""
-    import refattn._agnostic._blocked as blocked_module
+    import refattn._agnostic._blocked._plan as blocked_module
 
     monkeypatch.setattr(blocked_module, "choose_blocks",
                         lambda L, S, group, backward=False: (7, 9))
