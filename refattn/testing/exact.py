@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from .._arrays import to_numpy
 from .._namespace import infer_namespace
 from ..attention import _prepare
 
@@ -75,21 +76,6 @@ def _check_softcap(softcap: Any) -> float | None:
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"softcap must be positive and finite (None disables it); got {value}")
     return value
-
-
-def _host(x: Any) -> np.ndarray:
-    # A NumPy copy of any array-API array. DLPack covers CPU arrays of every library; a
-    # torch tensor that requires grad must be detached first; device arrays (CuPy,
-    # torch on CUDA) are copied to the host by array_api_compat.
-    if hasattr(x, "detach"):
-        x = x.detach()
-    try:
-        return np.from_dlpack(x)
-    except (BufferError, RuntimeError, TypeError, ValueError):
-        import array_api_compat
-
-        y = array_api_compat.to_device(x, "cpu")
-        return y if isinstance(y, np.ndarray) else np.from_dlpack(y)
 
 
 def _sum_to_shape(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -281,7 +267,7 @@ def exact_attention(
 
     ex = _Exact(mpmath, digits)
     ctx = ex.ctx
-    Q, K, V = (ex.mpf(_host(x)) for x in (prep.q, prep.k, prep.v))
+    Q, K, V = (ex.mpf(to_numpy(x)) for x in (prep.q, prep.k, prep.v))
     H, S = shapes.H, shapes.S
     Kr = np.repeat(K, H // shapes.K, axis=-3)
     Vr = np.repeat(V, H // shapes.Kv, axis=-3)
@@ -295,9 +281,9 @@ def exact_attention(
     else:
         scores = T
     if prep.bias is not None:
-        scores = scores + ex.mpf(_host(prep.bias))
+        scores = scores + ex.mpf(to_numpy(prep.bias))
     if prep.allowed is not None:
-        scores = np.where(_host(prep.allowed), scores, ctx.ninf)
+        scores = np.where(to_numpy(prep.allowed), scores, ctx.ninf)
     scores = np.broadcast_to(scores, shapes.scores)
 
     if S == 0:
@@ -320,7 +306,7 @@ def exact_attention(
     keep = None
     Pd = P
     if prep.keep is not None:
-        keep = _host(prep.keep)
+        keep = to_numpy(prep.keep)
         if prep.dropout_p >= 1.0:
             Pd = np.zeros(P.shape, dtype=object)
         else:
@@ -344,7 +330,7 @@ def exact_attention(
         "dq": None, "dk": None, "dv": None, "dbias": None,
     }
     if d_out is not None:
-        dO = ex.mpf(_host(d_out))
+        dO = ex.mpf(to_numpy(d_out))
         dP = dO @ np.swapaxes(Vr, -1, -2)
         if keep is not None:
             if prep.dropout_p >= 1.0:

@@ -27,6 +27,9 @@ from typing import Any
 
 import numpy as np
 
+from .._arrays import swap_head_axis
+from .._types import Array
+
 try:
     from hypothesis import strategies as st
 except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
@@ -466,16 +469,13 @@ def _default_shapes(convention: str) -> st.SearchStrategy[Shape]:
     return shapes()
 
 
-def _to_blhd(x: Any) -> Any:
-    # (B, H, L, D) -> (B, L, H, D) in any library (torch tensors, NumPy arrays, ...).
-    if hasattr(x, "transpose") and hasattr(x, "contiguous"):
-        return x.transpose(-3, -2).contiguous()
+def _to_blhd(x: Array) -> Array:
+    # (B, H, L, D) -> (B, L, H, D) in any library; a torch tensor is then made contiguous,
+    # as a tensor built in that layout would be.
     import array_api_compat
 
-    xp = array_api_compat.array_namespace(x)
-    axes = list(range(x.ndim))
-    axes[-3], axes[-2] = axes[-2], axes[-3]
-    return xp.permute_dims(x, tuple(axes))
+    y = swap_head_axis(x, array_api_compat.array_namespace(x))
+    return y.contiguous() if hasattr(y, "contiguous") else y
 
 
 def attention_cases(
