@@ -24,6 +24,7 @@ __all__ = [
     "check_dropout_p",
     "check_qkv",
     "check_scale",
+    "check_softcap",
 ]
 
 
@@ -180,4 +181,28 @@ def check_dropout_p(dropout_p: Any) -> float:
     value = _real_number("dropout_p", dropout_p)
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"dropout_p must lie in [0, 1]; got {value}")
+    return value
+
+
+def check_softcap(softcap: Any) -> float | None:
+    """Return ``softcap`` as a positive finite float, or None (no softcap) for None.
+
+    Examples
+    --------
+    >>> check_softcap(30), check_softcap(None)
+    (30.0, None)
+    >>> check_softcap(0.0)
+    Traceback (most recent call last):
+    ...
+    ValueError: softcap must be positive and finite (None turns it off); got 0.0
+    """
+    if softcap is None:
+        return None
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+        raise TypeError(f"softcap must be a positive real number or None; got {softcap!r}")
+    value = float(softcap)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(
+            f"softcap must be positive and finite (None turns it off); got {value}"
+        )
     return value

@@ -17,6 +17,7 @@ import numpy as np
 
 from .._arrays import to_numpy
 from .._namespace import infer_namespace
+from .._validate import check_softcap
 from ..attention import _prepare
 
 __all__ = ["MAX_SCORES", "ExactResult", "exact_attention"]
@@ -62,20 +63,6 @@ def _check_digits(digits: Any) -> int:
         # a correctly rounded float64 result.
         raise ValueError(f"digits must be at least 17 (float64 needs 17); got {digits}")
     return int(digits)
-
-
-def _check_softcap(softcap: Any) -> float | None:
-    if softcap is None:
-        return None
-    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
-        raise TypeError(
-            f"softcap must be None or a positive real number; got {type(softcap).__name__} "
-            f"{softcap!r}"
-        )
-    value = float(softcap)
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"softcap must be positive and finite (None disables it); got {value}")
-    return value
 
 
 def _sum_to_shape(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -239,7 +226,7 @@ def exact_attention(
     """
     mpmath = _import_mpmath()
     digits = _check_digits(digits)
-    cap = _check_softcap(softcap)
+    cap = check_softcap(softcap)
     prep = _prepare(
         q, k, v, mask=mask, bias=bias, causal=causal, alignment=alignment, scale=scale,
         dropout_p=dropout_p, dropout_mask=dropout_mask, rng=None, masked_rows=masked_rows,
