@@ -29,6 +29,7 @@ import numpy as np
 
 from .._arrays import swap_head_axis
 from .._types import Array
+from .._validate import ProblemSizes
 
 try:
     from hypothesis import strategies as st
@@ -58,40 +59,28 @@ _CONVENTIONS = ("refattn", "torch", "flash", "jax")
 
 
 @dataclass(frozen=True)
-class Shape:
+class Shape(ProblemSizes):
     """Sizes of one attention problem in the shape legend.
 
-    ``batch`` is a tuple of leading dims (possibly empty); K and Kv divide H.
+    ``batch`` is a tuple of leading dims (possibly empty); K and Kv divide H. ``scores``
+    is (*batch, H, L, S); ``q``, ``k``, ``v`` and ``out`` are the arrays' shapes.
     """
-
-    batch: tuple[int, ...]
-    H: int
-    K: int
-    Kv: int
-    L: int
-    S: int
-    E: int
-    Ev: int
 
     @property
     def q(self) -> tuple[int, ...]:
-        return (*self.batch, self.H, self.L, self.E)
+        return self.batched(self.H, self.L, self.E)
 
     @property
     def k(self) -> tuple[int, ...]:
-        return (*self.batch, self.K, self.S, self.E)
+        return self.batched(self.K, self.S, self.E)
 
     @property
     def v(self) -> tuple[int, ...]:
-        return (*self.batch, self.Kv, self.S, self.Ev)
-
-    @property
-    def scores(self) -> tuple[int, ...]:
-        return (*self.batch, self.H, self.L, self.S)
+        return self.batched(self.Kv, self.S, self.Ev)
 
     @property
     def out(self) -> tuple[int, ...]:
-        return (*self.batch, self.H, self.L, self.Ev)
+        return self.batched(self.H, self.L, self.Ev)
 
 
 def _check_range(name: str, lo: int, hi: int, minimum: int) -> None:
