@@ -15,8 +15,6 @@ user's layout.
 from __future__ import annotations
 
 import functools
-import math
-import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -177,20 +175,6 @@ def _compute_dtype(compute_dtype: Any, xp: Namespace) -> Any:
     )
 
 
-def check_softcap(softcap: Any) -> float | None:
-    """A positive finite softcap as a float, None for none; TypeError / ValueError else."""
-    if softcap is None:
-        return None
-    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
-        raise TypeError(f"softcap must be a positive real number or None; got {softcap!r}")
-    value = float(softcap)
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(
-            f"softcap must be positive and finite (None turns it off); got {value}"
-        )
-    return value
-
-
 def _check_callable(name: str, fn: Any) -> None:
     if fn is not None and not callable(fn):
         raise TypeError(f"{name} must be a callable or None; got {type(fn).__name__}")
@@ -279,7 +263,7 @@ def build_problem(
         {"mask": mask, "dropout_mask": dropout_mask}, xp=xp,
     )
     window_value = None if window is None else Window.parse(window)
-    softcap_value = check_softcap(softcap)
+    softcap_value = _validate.check_softcap(softcap)
     _check_callable("score_mod", score_mod)
     _check_callable("mask_mod", mask_mod)
     _check_choices(layout, masked_rows, precision, implementation, alignment, causal)

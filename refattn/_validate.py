@@ -17,6 +17,7 @@ from ._types import ALIGNMENTS
 
 __all__ = [
     "AttentionShapes",
+    "ProblemSizes",
     "broadcast_shapes",
     "check_alignment",
     "check_broadcastable",
@@ -24,6 +25,7 @@ __all__ = [
     "check_dropout_p",
     "check_qkv",
     "check_scale",
+    "check_softcap",
 ]
 
 
@@ -40,11 +42,18 @@ def broadcast_shapes(*shapes: Sequence[int]) -> tuple[int, ...]:
 
 
 @dataclass(frozen=True)
-class AttentionShapes:
+class ProblemSizes:
     """Sizes of one attention problem, in the shape legend of the docs.
 
-    ``batch`` is the broadcast of the leading dims of q, k and v; ``ndim`` the rank of
-    the output (the largest input rank, at least 2; rank 2 means there is no head axis).
+    ``batch`` is a tuple of leading dims (possibly empty); K and Kv divide H. The base of
+    :class:`AttentionShapes` (the checked sizes of a call) and of
+    ``refattn.testing.strategies.Shape`` (drawn sizes).
+
+    Examples
+    --------
+    >>> sizes = ProblemSizes(batch=(2,), H=4, K=2, Kv=2, L=3, S=5, E=8, Ev=6)
+    >>> sizes.scores, sizes.batched(sizes.K, sizes.S, sizes.E)
+    ((2, 4, 3, 5), (2, 2, 5, 8))
     """
 
     batch: tuple[int, ...]
@@ -55,17 +64,31 @@ class AttentionShapes:
     S: int
     E: int
     Ev: int
-    ndim: int
+
+    def batched(self, *dims: int) -> tuple[int, ...]:
+        """The shape ``(*batch, *dims)``."""
+        return (*self.batch, *dims)
 
     @property
     def scores(self) -> tuple[int, ...]:
         """Shape of the full score matrix (*batch, H, L, S)."""
-        return (*self.batch, self.H, self.L, self.S)
+        return self.batched(self.H, self.L, self.S)
+
+
+@dataclass(frozen=True)
+class AttentionShapes(ProblemSizes):
+    """The sizes of one attention call, as :func:`check_qkv` finds them.
+
+    ``batch`` is the broadcast of the leading dims of q, k and v; ``ndim`` the rank of
+    the output (the largest input rank, at least 2; rank 2 means there is no head axis).
+    """
+
+    ndim: int
 
     @property
     def out(self) -> tuple[int, ...]:
         """Shape of the output as returned to the user."""
-        full = (*self.batch, self.H, self.L, self.Ev)
+        full = self.batched(self.H, self.L, self.Ev)
         return full[-self.ndim:] if self.ndim >= 3 else (self.L, self.Ev)
 
     @property
@@ -180,4 +203,28 @@ def check_dropout_p(dropout_p: Any) -> float:
     value = _real_number("dropout_p", dropout_p)
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"dropout_p must lie in [0, 1]; got {value}")
+    return value
+
+
+def check_softcap(softcap: Any) -> float | None:
+    """Return ``softcap`` as a positive finite float, or None (no softcap) for None.
+
+    Examples
+    --------
+    >>> check_softcap(30), check_softcap(None)
+    (30.0, None)
+    >>> check_softcap(0.0)
+    Traceback (most recent call last):
+    ...
+    ValueError: softcap must be positive and finite (None turns it off); got 0.0
+    """
+    if softcap is None:
+        return None
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+        raise TypeError(f"softcap must be a positive real number or None; got {softcap!r}")
+    value = float(softcap)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(
+            f"softcap must be positive and finite (None turns it off); got {value}"
+        )
     return value

@@ -22,6 +22,7 @@ from typing import Any
 
 from . import _validate
 from ._agnostic._direct import repeat_heads
+from ._arrays import swap_head_axis
 from ._front_door import attention
 from ._namespace import infer_namespace
 from ._types import LAYOUTS, MASKED_ROW_POLICIES
@@ -83,7 +84,7 @@ def attention_scores(
                 f"{tuple(x.shape)}"
             )
     if layout == "BLHD":
-        q, k = (_swap_heads(x, xp) for x in (q, k))
+        q, k = (swap_head_axis(x, xp) for x in (q, k))
     # v = k: the value checks then hold by construction and the q/k checks are the ones
     # attention() makes, with the same messages.
     shapes = _validate.check_qkv(q, k, k)
@@ -94,14 +95,6 @@ def attention_scores(
         kc = repeat_heads(kc, shapes.H // shapes.K, xp=xp)
     scores = (qc @ xp.matrix_transpose(kc)) * factor
     return xp.astype(scores, q.dtype)
-
-
-def _swap_heads(x: Any, xp: Any) -> Any:
-    if x.ndim < 3:
-        return x
-    axes = list(range(x.ndim))
-    axes[-3], axes[-2] = axes[-2], axes[-3]
-    return xp.permute_dims(x, tuple(axes))
 
 
 def bmm_attention(

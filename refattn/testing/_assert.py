@@ -28,9 +28,10 @@ import array_api_compat
 import numpy as np
 
 from .. import _tolerance
+from .._arrays import swap_head_axis, to_numpy
 from .._front_door import attention, attention_backward
 from .._namespace import library_name
-from ._baseline import EPS, SCALE_PLACEMENTS, dtype_name, low_precision_baseline, to_numpy64
+from ._baseline import EPS, SCALE_PLACEMENTS, dtype_name, low_precision_baseline
 
 __all__ = ["assert_attention_close", "assert_close", "decode_flash_dropout_mask"]
 
@@ -82,7 +83,7 @@ def _float_name(name: str, x: Any) -> str:
 
 
 def _blhd_to_bhld(x: np.ndarray, layout: str) -> np.ndarray:
-    return np.swapaxes(x, -3, -2) if layout == "BLHD" and x.ndim >= 3 else x
+    return swap_head_axis(x, np) if layout == "BLHD" else x
 
 
 class _Tensor:
@@ -90,8 +91,8 @@ class _Tensor:
 
     def __init__(self, name: str, actual: Any, oracle: Any) -> None:
         self.name = name
-        self.actual = to_numpy64(actual)
-        self.oracle = to_numpy64(oracle)
+        self.actual = to_numpy(actual, float64=True)
+        self.oracle = to_numpy(oracle, float64=True)
         self.error = 0.0
         self.index: tuple[int, ...] | None = None
         self.budget = 0.0
@@ -146,9 +147,9 @@ def _logit_extra(q: np.ndarray, k: np.ndarray, options: dict[str, Any], scale: f
                                                            "score_mod"))
     bias = options.get("bias")
     if not nonadditive:
-        return None if bias is None else to_numpy64(bias)
+        return None if bias is None else to_numpy(bias, float64=True)
     res = run_oracle(return_weights=True, return_lse=True)
-    w, lse = to_numpy64(res.weights), to_numpy64(res.lse)
+    w, lse = to_numpy(res.weights, float64=True), to_numpy(res.lse, float64=True)
     with np.errstate(divide="ignore", invalid="ignore"):
         s = lse[..., None] + np.log(w)
     s = np.where((w > 0) & np.isfinite(s), np.abs(s), 0.0)
@@ -157,8 +158,8 @@ def _logit_extra(q: np.ndarray, k: np.ndarray, options: dict[str, Any], scale: f
         np.max(np.abs(np.where(np.isfinite(k), k, 0.0)), initial=0.0))
     extra = float(np.max(s, initial=0.0)) + product
     if bias is not None:
-        extra += float(np.max(np.abs(np.nan_to_num(to_numpy64(bias), posinf=0, neginf=0)),
-                              initial=0.0))
+        finite = np.nan_to_num(to_numpy(bias, float64=True), posinf=0, neginf=0)
+        extra += float(np.max(np.abs(finite), initial=0.0))
     return np.asarray([extra])
 
 
@@ -190,7 +191,7 @@ def _gradient_term_sizes(host: dict[str, np.ndarray], grad_out: Any, options: di
       is the oracle's dV for a gradient of ones without dropout;
     * d bias: 2 c ||dO|| ||V|| times the score entries summed into one bias entry.
     """
-    do = _blhd_to_bhld(to_numpy64(grad_out), options.get("layout", "BHLD"))
+    do = _blhd_to_bhld(to_numpy(grad_out, float64=True), options.get("layout", "BHLD"))
     q, k, v = host["q"], host["k"], host["v"]
     pair = 2.0 * keep_scale * _row_norm_max(do) * _row_norm_max(v)
     go = xp.astype(grad_out, xp.float64)
@@ -202,10 +203,10 @@ def _gradient_term_sizes(host: dict[str, np.ndarray], grad_out: Any, options: di
     rows *= (q.shape[-3] if q.ndim >= 3 else 1) * L
     n_q = rows / float(np.prod(q.shape[:-1])) if L else 1.0
     sizes = {
-        "dv": (_finite_max(to_numpy64(dv_abs)), "max_j sum_i c P_ij |dO_i|"),
+        "dv": (_finite_max(to_numpy(dv_abs, float64=True)), "max_j sum_i c P_ij |dO_i|"),
         "dq": (n_q * abs(scale) * _finite_max(k) * pair,
                "2 c |scale| max|K| max||dO_i|| max||V_j||"),
-        "dk": (abs(scale) * _finite_max(q) * pair * _finite_max(to_numpy64(colsum)),
+        "dk": (abs(scale) * _finite_max(q) * pair * _finite_max(to_numpy(colsum, float64=True)),
                "2 c |scale| max|Q| max||dO_i|| max||V_j|| max_j sum_i P_ij"),
     }
     bias = options.get("bias")
@@ -240,7 +241,7 @@ def _write_repro(arrays: dict[str, Any], options: dict[str, Any], factors: dict[
                  grads: bool) -> str:
     """Save the inputs to an .npz file; return a snippet that reruns the assertion."""
     kinds = {name: dtype_name(x) for name, x in arrays.items()}
-    host = {name: to_numpy64(x) for name, x in arrays.items()}
+    host = {name: to_numpy(x, float64=True) for name, x in arrays.items()}
     digest = hashlib.sha1()
     for name in sorted(host):
         digest.update(name.encode() + kinds[name].encode() + host[name].tobytes()
@@ -346,14 +347,14 @@ def compute_reference(q: Any, k: Any, v: Any, *, kind: str, options: dict[str, A
     def run_oracle(**extra: Any) -> Any:
         return attention(f64["q"], f64["k"], f64["v"], **opts64, **extra)
 
-    oracle: dict[str, Any] = {"out": to_numpy64(run_oracle())}
+    oracle: dict[str, Any] = {"out": to_numpy(run_oracle(), float64=True)}
     if grad_out is not None:
         grads = attention_backward(xp.astype(grad_out, xp.float64), f64["q"], f64["k"],
                                    f64["v"], **opts64)
-        oracle.update({n: None if g is None else to_numpy64(g)
+        oracle.update({n: None if g is None else to_numpy(g, float64=True)
                        for n, g in zip(_GRAD_NAMES, grads, strict=True)})
     ref = Reference(kind, oracle)
-    host = {name: _blhd_to_bhld(to_numpy64(x), layout) for name, x in
+    host = {name: _blhd_to_bhld(to_numpy(x, float64=True), layout) for name, x in
             (("q", q), ("k", k), ("v", v))}
     E = host["q"].shape[-1]
     scale = options.get("scale")
@@ -368,7 +369,8 @@ def compute_reference(q: Any, k: Any, v: Any, *, kind: str, options: dict[str, A
         if grad_out is not None:
             bias = options.get("bias")
             ref.bound.update(_tolerance.gradient_rounding_bound(
-                host["q"], host["k"], host["v"], _blhd_to_bhld(to_numpy64(grad_out), layout),
+                host["q"], host["k"], host["v"],
+                _blhd_to_bhld(to_numpy(grad_out, float64=True), layout),
                 scale=scale, bias=extra, dropout_p=p,
                 bias_shape=None if bias is None else tuple(bias.shape)))
         return ref
@@ -383,7 +385,8 @@ def compute_reference(q: Any, k: Any, v: Any, *, kind: str, options: dict[str, A
                                           keep_scale, xp))
     for name in names:
         ref.baseline_error[name] = max(
-            _tolerance.max_abs_error(to_numpy64(getattr(b, name)), oracle[name]) for b in bases)
+            _tolerance.max_abs_error(to_numpy(getattr(b, name), float64=True), oracle[name])
+            for b in bases)
         size, what = sizes[name]
         ref.floor[name] = u * size
         ref.floor_how[name] = (f"u = eps/2 of {kind} times {what} = {size:.4g}, the size of "
@@ -636,7 +639,7 @@ def assert_close(
         if a_ != d_:
             raise AssertionError(f"{what}: actual is {a_}, desired is {d_}")
     kind = dtype_name(actual)
-    a, d = to_numpy64(actual), to_numpy64(desired)
+    a, d = to_numpy(actual, float64=True), to_numpy(desired, float64=True)
     if a.dtype.kind != "f":
         if not np.array_equal(a, d):
             where = tuple(int(i) for i in np.argwhere(a != d)[0])

@@ -36,8 +36,8 @@ from typing import Any
 
 import numpy as np
 
+from .._arrays import to_numpy
 from .._front_door import attention, attention_backward
-from .._namespace import library_name
 
 __all__ = [
     "EPS",
@@ -46,7 +46,6 @@ __all__ = [
     "dtype_name",
     "low_precision_baseline",
     "numpy_rounder",
-    "to_numpy64",
 ]
 
 #: Machine epsilon (spacing of floats at 1) of the dtypes the rule knows.
@@ -61,24 +60,9 @@ def dtype_name(x: Any) -> str:
 
 
 def to_numpy64(x: Any) -> np.ndarray:
-    """Copy any library's array to a NumPy array: float64 for floats (exact), else as is."""
-    lib = library_name(x)
-    if lib == "torch":
-        import torch
-
-        x = x.detach().cpu()
-        a = x.numpy() if not x.dtype.is_floating_point else x.to(torch.float64).numpy()
-    elif lib == "cupy":
-        import cupy
-
-        a = cupy.asnumpy(x)
-    elif lib == "array_api_strict":
-        a = np.asarray(x.__array__()) if hasattr(x, "__array__") else np.from_dlpack(x)
-    else:
-        a = np.asarray(x)
-    if a.dtype.kind == "f" or dtype_name(a) == "bfloat16":
-        a = a.astype(np.float64)
-    return a
+    # Kept for refattn/_check.py, which imports it; everything else calls
+    # refattn._arrays.to_numpy(x, float64=True), which this is. Remove with that import.
+    return to_numpy(x, float64=True)
 
 
 def numpy_rounder(name: str) -> Callable[[np.ndarray], np.ndarray]:

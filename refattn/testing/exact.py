@@ -15,8 +15,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from .._arrays import to_numpy
 from .._namespace import infer_namespace
 from .._problem import build_problem
+from .._validate import check_softcap
 
 __all__ = ["MAX_SCORES", "ExactResult", "exact_attention"]
 
@@ -61,35 +63,6 @@ def _check_digits(digits: Any) -> int:
         # a correctly rounded float64 result.
         raise ValueError(f"digits must be at least 17 (float64 needs 17); got {digits}")
     return int(digits)
-
-
-def _check_softcap(softcap: Any) -> float | None:
-    if softcap is None:
-        return None
-    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
-        raise TypeError(
-            f"softcap must be None or a positive real number; got {type(softcap).__name__} "
-            f"{softcap!r}"
-        )
-    value = float(softcap)
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"softcap must be positive and finite (None disables it); got {value}")
-    return value
-
-
-def _host(x: Any) -> np.ndarray:
-    # A NumPy copy of any array-API array. DLPack covers CPU arrays of every library; a
-    # torch tensor that requires grad must be detached first; device arrays (CuPy,
-    # torch on CUDA) are copied to the host by array_api_compat.
-    if hasattr(x, "detach"):
-        x = x.detach()
-    try:
-        return np.from_dlpack(x)
-    except (BufferError, RuntimeError, TypeError, ValueError):
-        import array_api_compat
-
-        y = array_api_compat.to_device(x, "cpu")
-        return y if isinstance(y, np.ndarray) else np.from_dlpack(y)
 
 
 def _sum_to_shape(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -253,7 +226,7 @@ def exact_attention(
     """
     mpmath = _import_mpmath()
     digits = _check_digits(digits)
-    cap = _check_softcap(softcap)
+    cap = check_softcap(softcap)
     prep = build_problem(
         q, k, v, mask=mask, bias=bias, causal=causal, alignment=alignment, scale=scale,
         dropout_p=dropout_p, dropout_mask=dropout_mask, masked_rows=masked_rows, xp=xp,
@@ -280,7 +253,7 @@ def exact_attention(
 
     ex = _Exact(mpmath, digits)
     ctx = ex.ctx
-    Q, K, V = (ex.mpf(_host(x)) for x in (prep.q, prep.k, prep.v))
+    Q, K, V = (ex.mpf(to_numpy(x)) for x in (prep.q, prep.k, prep.v))
     H, S = shapes.H, shapes.S
     Kr = np.repeat(K, H // shapes.K, axis=-3)
     Vr = np.repeat(V, H // shapes.Kv, axis=-3)
@@ -294,9 +267,9 @@ def exact_attention(
     else:
         scores = T
     if prep.bias_with_alibi is not None:
-        scores = scores + ex.mpf(_host(prep.bias_with_alibi))
+        scores = scores + ex.mpf(to_numpy(prep.bias_with_alibi))
     if prep.visible is not None:
-        scores = np.where(_host(prep.visible), scores, ctx.ninf)
+        scores = np.where(to_numpy(prep.visible), scores, ctx.ninf)
     scores = np.broadcast_to(scores, shapes.scores)
 
     if S == 0:
@@ -319,7 +292,7 @@ def exact_attention(
     keep = None
     Pd = P
     if prep.keep is not None:
-        keep = _host(prep.keep)
+        keep = to_numpy(prep.keep)
         if prep.dropout_p >= 1.0:
             Pd = np.zeros(P.shape, dtype=object)
         else:
@@ -343,7 +316,7 @@ def exact_attention(
         "dq": None, "dk": None, "dv": None, "dbias": None,
     }
     if d_out is not None:
-        dO = ex.mpf(_host(d_out))
+        dO = ex.mpf(to_numpy(d_out))
         dP = dO @ np.swapaxes(Vr, -1, -2)
         if keep is not None:
             if prep.dropout_p >= 1.0:

@@ -27,6 +27,10 @@ from typing import Any
 
 import numpy as np
 
+from .._arrays import swap_head_axis
+from .._types import Array
+from .._validate import ProblemSizes
+
 try:
     from hypothesis import strategies as st
 except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
@@ -55,40 +59,28 @@ _CONVENTIONS = ("refattn", "torch", "flash", "jax")
 
 
 @dataclass(frozen=True)
-class Shape:
+class Shape(ProblemSizes):
     """Sizes of one attention problem in the shape legend.
 
-    ``batch`` is a tuple of leading dims (possibly empty); K and Kv divide H.
+    ``batch`` is a tuple of leading dims (possibly empty); K and Kv divide H. ``scores``
+    is (*batch, H, L, S); ``q``, ``k``, ``v`` and ``out`` are the arrays' shapes.
     """
-
-    batch: tuple[int, ...]
-    H: int
-    K: int
-    Kv: int
-    L: int
-    S: int
-    E: int
-    Ev: int
 
     @property
     def q(self) -> tuple[int, ...]:
-        return (*self.batch, self.H, self.L, self.E)
+        return self.batched(self.H, self.L, self.E)
 
     @property
     def k(self) -> tuple[int, ...]:
-        return (*self.batch, self.K, self.S, self.E)
+        return self.batched(self.K, self.S, self.E)
 
     @property
     def v(self) -> tuple[int, ...]:
-        return (*self.batch, self.Kv, self.S, self.Ev)
-
-    @property
-    def scores(self) -> tuple[int, ...]:
-        return (*self.batch, self.H, self.L, self.S)
+        return self.batched(self.Kv, self.S, self.Ev)
 
     @property
     def out(self) -> tuple[int, ...]:
-        return (*self.batch, self.H, self.L, self.Ev)
+        return self.batched(self.H, self.L, self.Ev)
 
 
 def _check_range(name: str, lo: int, hi: int, minimum: int) -> None:
@@ -466,16 +458,13 @@ def _default_shapes(convention: str) -> st.SearchStrategy[Shape]:
     return shapes()
 
 
-def _to_blhd(x: Any) -> Any:
-    # (B, H, L, D) -> (B, L, H, D) in any library (torch tensors, NumPy arrays, ...).
-    if hasattr(x, "transpose") and hasattr(x, "contiguous"):
-        return x.transpose(-3, -2).contiguous()
+def _to_blhd(x: Array) -> Array:
+    # (B, H, L, D) -> (B, L, H, D) in any library; a torch tensor is then made contiguous,
+    # as a tensor built in that layout would be.
     import array_api_compat
 
-    xp = array_api_compat.array_namespace(x)
-    axes = list(range(x.ndim))
-    axes[-3], axes[-2] = axes[-2], axes[-3]
-    return xp.permute_dims(x, tuple(axes))
+    y = swap_head_axis(x, array_api_compat.array_namespace(x))
+    return y.contiguous() if hasattr(y, "contiguous") else y
 
 
 def attention_cases(
