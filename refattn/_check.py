@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from . import _tolerance
-from .compat.torch import _sdpa_translate
+from .compat.torch import sdpa_translate
 from .testing._assert import compute_reference
 from .testing._baseline import EPS, numpy_rounder
 
@@ -262,8 +262,8 @@ def _torch_options(case: Case, r: dict[str, np.ndarray]) -> dict[str, Any]:
     # torch's arguments translated where the torch front-end translates them (it raises
     # for attn_mask together with is_causal, as torch's math backend does).
     attn_mask = r.get("mask") if case.mask is not None else r.get("bias")
-    _, _, mask, bias = _sdpa_translate(r["q"], r["k"], r["v"], attn_mask, case.causal,
-                                       case.gqa, None)
+    _, _, mask, bias = sdpa_translate(r["q"], r["k"], r["v"], attn_mask, case.causal,
+                                      case.gqa, None)
     opts: dict[str, Any] = {"mask": mask, "bias": bias, "causal": case.causal,
                             "alignment": "top_left", "scale": case.scale,
                             "masked_rows": "zero"}
@@ -310,7 +310,7 @@ def _flash_call(case: Case, a: dict[str, Any]) -> tuple[tuple[Any, ...], dict[st
 
 
 def _flash_options(case: Case, r: dict[str, np.ndarray]) -> dict[str, Any]:
-    from .compat.flash_attn import _flash_window as normalise
+    from .compat.flash_attn import flash_window as normalise
 
     L, S = r["q"].shape[1], r["k"].shape[1]
     fw = normalise(_flash_window(case), case.causal, seqlen_q=L, seqlen_k=S,
