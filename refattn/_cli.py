@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from typing import Any, TextIO
@@ -22,8 +21,6 @@ _DTYPES = ("float64", "float32", "float16", "bfloat16")
 _DEFAULT_DTYPES = "float64,float32,bfloat16"
 _CONVENTIONS = ("torch", "flash", "jax", "flex")
 _LIBRARIES = ("numpy", "torch", "cupy", "jax")
-# Semantic failures printed in full (with their snippet); the JSON report has them all.
-_SHOWN = 5
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -109,122 +106,8 @@ class _Progress:
               flush=True)
 
 
-def _ratio_text(r: Any) -> str:
-    if not r.cases or not r.worst_budget:
-        return "-"
-    tensor = f" ({r.worst_tensor})" if r.worst_tensor and r.worst_tensor != "out" else ""
-    return f"{r.worst_error:.2e} / {r.worst_budget:.2e}{tensor}"
-
-
-def _print_table(reports: list, out: TextIO) -> None:
-    header = ("group", "backend", "dtype", "cases", "worst error / budget", "verdict")
-    rows = [(r.group, r.backend, r.dtype, str(r.cases), _ratio_text(r), r.verdict)
-            for r in reports]
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
-    line = "  ".join(f"{{:<{w}}}" for w in widths)
-    print(line.format(*header).rstrip(), file=out)
-    print("  ".join("-" * w for w in widths), file=out)
-    for row in rows:
-        print(line.format(*row).rstrip(), file=out)
-
-
-def _json_safe(x: Any) -> Any:
-    # JSON has no inf or NaN: write them as strings.
-    if isinstance(x, float) and not math.isfinite(x):
-        return str(x)
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    return x
-
-
-def _report_json(reports: list, meta: dict[str, Any]) -> dict[str, Any]:
-    cells = []
-    for r in reports:
-        cells.append({
-            "group": r.group, "backend": r.backend, "dtype": r.dtype, "cases": r.cases,
-            "worst_ratio": r.worst_ratio, "worst_error": r.worst_error,
-            "worst_budget": r.worst_budget, "worst_tensor": r.worst_tensor,
-            "verdict": r.verdict, "results": [x.to_dict() for x in r.results],
-        })
-    return _json_safe({**meta, "cells": cells})
-
-
-def _plot(reports: list, path: str, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    dtypes = list(dict.fromkeys(r.dtype for r in reports))
-    groups = list(dict.fromkeys(r.group for r in reports))
-    backends = list(dict.fromkeys(r.backend for r in reports))
-    fig, axes = plt.subplots(len(dtypes), 1, figsize=(max(8, 0.9 * len(groups) + 3),
-                                                        2.8 * len(dtypes) + 1),
-                             squeeze=False, sharex=True)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    floor = 1e-4
-    for ax, dtype in zip(axes[:, 0], dtypes, strict=True):
-        for b_index, backend in enumerate(backends):
-            xs, ys = [], []
-            for r in reports:
-                if r.dtype != dtype or r.backend != backend:
-                    continue
-                x = groups.index(r.group) + (b_index - (len(backends) - 1) / 2) * 0.15
-                for res in r.results:
-                    for name, err in res.errors.items():
-                        budget = res.budgets.get(name, 0.0)
-                        ratio = err / budget if budget else (0.0 if err == 0 else math.inf)
-                        xs.append(x)
-                        ys.append(min(max(ratio, floor), 1e4))
-            ax.scatter(xs, ys, s=12, alpha=0.6, color=colors[b_index % len(colors)],
-                       label=backend)
-        ax.axhline(1.0, color="black", linewidth=1)
-        ax.text(-0.45, 1.15, "budget", ha="left", va="bottom", fontsize=8)
-        ax.set_yscale("log")
-        ax.set_ylim(floor / 2, 2e4)
-        ax.set_ylabel(f"{dtype}\nerror / budget")
-        ax.grid(axis="y", alpha=0.3)
-    axes[0, 0].legend(loc="upper right", fontsize=8, ncol=len(backends))
-    axes[0, 0].set_title(f"{title}: error / budget per case and tensor "
-                         f"(exact results drawn at {floor:g})", fontsize=10)
-    axes[-1, 0].set_xticks(range(len(groups)))
-    axes[-1, 0].set_xticklabels(groups, rotation=30, ha="right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def _print_failures(reports: list, out: TextIO) -> None:
-    semantic = [(r, f) for r in reports for f in r.failures if f.status == "semantic"]
-    precision = [(r, f) for r in reports for f in r.failures if f.status == "precision"]
-    if semantic:
-        print("\nSemantic differences (not rounding):", file=out)
-        shown = 0
-        for r, f in semantic:
-            if f.snippet and shown < _SHOWN:
-                shown += 1
-                print(f"\n* {r.group} / {r.backend} / {r.dtype}: {f.detail}\n  smallest "
-                      f"case: {f.case}\n  repro:\n    "
-                      + f.snippet.replace("\n", "\n    "), file=out)
-        others = len(semantic) - shown
-        if others:
-            print(f"\n  ... and {others} more semantic failures (cases in the JSON report):",
-                  file=out)
-            for r, f in [x for x in semantic if not x[1].snippet][:_SHOWN]:
-                print(f"  - {r.group} / {r.backend} / {r.dtype}: {f.detail}", file=out)
-    if precision:
-        print("\nPrecision failures (error over its budget):", file=out)
-        for r, f in precision[:10]:
-            print(f"  - {r.group} / {r.backend} / {r.dtype}: {f.detail}\n    case: {f.case}",
-                  file=out)
-        if len(precision) > 10:
-            print(f"  ... and {len(precision) - 10} more (see --json)", file=out)
-
-
 def _check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from . import _check
+    from . import _audit
 
     dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
     bad = [d for d in dtypes if d not in _DTYPES]
@@ -240,7 +123,7 @@ def _check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.grad and library not in ("torch", "jax"):
         return _fail(parser, f"--grad differentiates through autograd: it needs --library "
                      f"torch or jax; got {library}")
-    convention = _check.CONVENTIONS[args.convention]
+    convention = _audit.CONVENTIONS[args.convention]
     groups = args.group or list(convention.groups)
     unknown = [g for g in groups if g not in convention.groups]
     if unknown:
@@ -260,11 +143,11 @@ def _check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             except ImportError:
                 return _fail(parser, "the torch target needs PyTorch: pip install "
                              "'refattn[torch]'")
-            backends = _check.torch_backends(args.device)
+            backends = _audit.torch_backends(args.device)
             versions["torch"] = torch.__version__
             what = f"torch {torch.__version__} SDPA on {backends[0].library.device}"
         else:
-            backends = [_check.user_backend(args.target, convention=args.convention,
+            backends = [_audit.user_backend(args.target, convention=args.convention,
                                             library=library, device=args.device)]
             what = (f"{args.target} ({args.convention} convention, {library} arrays"
                     + (f" on {args.device}" if args.device else "") + ")")
@@ -275,13 +158,13 @@ def _check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     total = len(groups) * len(backends) * len(dtypes)
     progress = _Progress(total, sys.stderr)
     start = time.perf_counter()
-    with _check.quiet_warnings():
-        reports = _check.audit(backends, groups=groups, dtypes=dtypes,
+    with _audit.quiet_warnings():
+        reports = _audit.audit(backends, groups=groups, dtypes=dtypes,
                                examples=args.examples, seed=args.seed, grad=args.grad,
                                progress=progress)
     elapsed = time.perf_counter() - start
-    _print_table(reports, sys.stdout)
-    _print_failures(reports, sys.stdout)
+    _audit.print_table(reports, sys.stdout)
+    _audit.print_failures(reports, sys.stdout)
     failures = [f for r in reports for f in r.failures if f.status in ("semantic", "precision")]
     known = [f for r in reports for f in r.failures if f.status == "known"]
     semantic = sum(f.status == "semantic" for f in failures)
@@ -295,10 +178,10 @@ def _check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 "summary": {"semantic": semantic, "precision": len(failures) - semantic,
                             "known": len(known)}}
         with open(args.json, "w") as fh:
-            json.dump(_report_json(reports, meta), fh, indent=2, default=str)
+            json.dump(_audit.report_json(reports, meta), fh, indent=2, default=str)
     if args.plot:
         try:
-            _plot(reports, args.plot, f"refattn check {args.target}")
+            _audit.plot(reports, args.plot, f"refattn check {args.target}")
         except ImportError:
             print("refattn: --plot needs matplotlib: pip install 'refattn[plot]'",
                   file=sys.stderr)

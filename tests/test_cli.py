@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from refattn import _check, _cli
+from refattn import _audit, _cli
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.torch
@@ -37,7 +37,7 @@ def test_python_dash_m_runs_the_default_check(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     assert "group" in out and "verdict" in out
-    for group in _check.CONVENTIONS["torch"].groups:
+    for group in _audit.CONVENTIONS["torch"].groups:
         assert group in out
     assert "0 semantic differences, 0 precision failures" in out
     data = json.loads(report.read_text())
@@ -146,7 +146,7 @@ def test_flash_convention_passes_refattns_own_front_end_and_catches_top_left(cap
                            "--convention", "flash", "--examples", "3",
                            "--dtype", "float64,float32"], capsys)
     assert status == 0, out
-    for group in _check.CONVENTIONS["flash"].groups:
+    for group in _audit.CONVENTIONS["flash"].groups:
         assert group in out
     assert "skipped" not in out
     status, out, _ = _run(["check", f"{KERNELS}:flash_top_left", "--convention", "flash",
@@ -194,15 +194,15 @@ def test_progress_bar_only_on_a_terminal(monkeypatch, capsys):
 
 
 def test_cases_are_deterministic_in_the_seed():
-    a, b = _check.make_case("GQA", 5, 3), _check.make_case("GQA", 5, 3)
+    a, b = _audit.make_case("GQA", 5, 3), _audit.make_case("GQA", 5, 3)
     np.testing.assert_array_equal(a.q, b.q)
-    c = _check.make_case("GQA", 6, 3)
+    c = _audit.make_case("GQA", 6, 3)
     assert a.q.shape != c.q.shape or not np.array_equal(a.q, c.q)
 
 
 def test_shrink_cuts_dimensions_while_the_failure_holds():
-    case = _check.make_case("causal", 0, 0)
-    small = _check.shrink(case, lambda c: c.q.shape[-2] >= 3 and c.k.shape[-2] >= 2)
+    case = _audit.make_case("causal", 0, 0)
+    small = _audit.shrink(case, lambda c: c.q.shape[-2] >= 3 and c.k.shape[-2] >= 2)
     assert small.q.shape[-2] == 3 and small.k.shape[-2] == 2
     assert small.q.shape[0] == 1 and small.q.shape[1] == 1
 

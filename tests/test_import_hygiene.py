@@ -1,4 +1,4 @@
-"""``import refattn`` pulls in numpy and array_api_compat only (DESIGN rule 3)."""
+"""``import refattn`` pulls in numpy and array_api_compat only (docs/contributing.rst)."""
 
 from __future__ import annotations
 

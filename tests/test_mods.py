@@ -75,7 +75,7 @@ def problems(draw: st.DrawFn, *, square: bool = False, batch: bool = True) -> Pr
 
 
 def grids(xp: Any, batch: tuple[int, ...], H: int, L: int, S: int) -> tuple[Any, ...]:
-    """The index grids a mod is called with, built here as DESIGN.md describes them."""
+    """The index grids a mod is called with, built here as docs/conventions.rst describes them."""
     n = math.prod(batch)
     b = (xp.reshape(xp.arange(n), (*batch, 1, 1, 1)) if batch
          else xp.zeros((1, 1, 1), dtype=xp.int64))

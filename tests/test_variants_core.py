@@ -130,7 +130,7 @@ torch = pytest.importorskip("torch")
 
 
 def torch_reference(q, k, v, *, scale, softcap=None, bias=None, score_mod=None, mask=None):
-    """The order of DESIGN.md written out in torch ops, differentiated by autograd."""
+    """The order of docs/variants.rst written out in torch ops, differentiated by autograd."""
     s = (q @ k.transpose(-1, -2)) * scale
     if softcap is not None:
         s = softcap * torch.tanh(s / softcap)

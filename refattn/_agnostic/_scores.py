@@ -1,7 +1,7 @@
 """The score transformations between the scaled product and the masks.
 
-In the documented order (docs/semantics.rst), ``scale -> softcap -> bias (ALiBi folded
-in) -> score_mod -> masks``. The direct path and its backward apply ``pre_mask_scores`` to the whole
+In docs/variants.rst's order, ``scale -> softcap -> bias (ALiBi folded in) -> score_mod ->
+masks``. The direct path and its backward apply ``pre_mask_scores`` to the whole
 (..., H, L, S) array; ``score_slopes`` gives the chain rule factors the backward needs.
 """
 

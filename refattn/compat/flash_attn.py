@@ -10,7 +10,7 @@ Dao-AILab/flash-attention commit 0251105a: ``flash_attn/flash_attn_interface.py`
 * causal masks and windows aligned bottom-right: query i sits at key position
   i + S - L; ``window_size=(left, right)`` lets it see keys
   [i + S - L - left, i + S - L + right], -1 = unlimited, normalised exactly as
-  ``flash_api.cpp`` does (see ``_flash_window``);
+  ``flash_api.cpp`` does (see ``flash_window``);
 * softcap ``c * tanh(s / c)`` on the scaled scores, then ALiBi
   ``-slope * |i + S - L - j|``, then the masks (-inf); softcap=0 is off;
 * a row that sees no key gives output 0 and LSE +inf (flash-attn 2) or -inf
@@ -72,15 +72,36 @@ def _check_window_size(window_size: Any) -> tuple[int, int]:
     return sides[0], sides[1]
 
 
-def _flash_window(window_size: Any, causal: Any, *, seqlen_q: int, seqlen_k: int,
-                  has_alibi: bool) -> _FlashWindow:
+def flash_window(window_size: Any, causal: Any, *, seqlen_q: int, seqlen_k: int,
+                 has_alibi: bool) -> _FlashWindow:
     """flash-attn 2's normalisation of ``causal`` and ``window_size`` (mha_fwd,
     mha_varlen_fwd and mha_fwd_kvcache in flash_api.cpp, then set_params_fprop).
+
+    An internal helper shared by this module's front-ends, the audit behind
+    ``refattn check`` (``refattn._audit``) and ``refattn.testing.strategies``; it is
+    not public API.
 
     ``seqlen_k`` is the length the C++ front-end clamps with: S for flash_attn_func,
     ``max_seqlen_k`` for the varlen form, the cache capacity for the KV cache. Its quirk
     is kept: with a finite left edge, an unlimited (-1) or too large right edge becomes
     ``seqlen_k``, which hides every key from the first L - S - 1 queries when L > S + 1.
+
+    Parameters
+    ----------
+    window_size : (int, int)
+        flash-attn's ``(left, right)``, -1 = unlimited.
+    causal : bool
+        flash-attn's ``causal``.
+    seqlen_q, seqlen_k : int
+        The query length and the length the C++ front-end clamps with (see above).
+    has_alibi : bool
+        Whether ALiBi slopes are given (they change what ``causal`` means).
+
+    Returns
+    -------
+    _FlashWindow
+        ``window``, refattn's bottom-right ``(left, right)`` or None for no window, and
+        ``causal_alibi``, whether the kernel's causal ALiBi branch applies.
     """
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be True or False; got {causal!r}")
@@ -301,8 +322,8 @@ def flash_attn_func(
         )
     S = k_shape[1]
     cap = _softcap(softcap)
-    fw = _flash_window(window_size, causal, seqlen_q=L, seqlen_k=S,
-                       has_alibi=alibi_slopes is not None)
+    fw = flash_window(window_size, causal, seqlen_q=L, seqlen_k=S,
+                      has_alibi=alibi_slopes is not None)
     dtype = q.dtype
     qc, kc, vc = _compute_inputs(xp, q, k, v)
     res = attention(
@@ -514,8 +535,8 @@ def flash_attn_varlen_func(
     max_k = _check_max_seqlen("max_seqlen_k", max_seqlen_k,
                               _lengths("cu_seqlens_k", cu_seqlens_k, k.shape[0], xp), xp)
     cap = _softcap(softcap)
-    fw = _flash_window(window_size, causal, seqlen_q=max_q, seqlen_k=max_k,
-                       has_alibi=alibi_slopes is not None)
+    fw = flash_window(window_size, causal, seqlen_q=max_q, seqlen_k=max_k,
+                      has_alibi=alibi_slopes is not None)
     H = q.shape[1]
     keep = None
     if dropout_mask is not None:
@@ -729,8 +750,8 @@ def flash_attn_with_kvcache(
     if not isinstance(num_splits, numbers.Integral) or isinstance(num_splits, bool):
         raise TypeError(f"num_splits must be an int; got {num_splits!r}")
     cap = _softcap(softcap)
-    fw = _flash_window(window_size, causal, seqlen_q=L, seqlen_k=capacity,
-                       has_alibi=alibi_slopes is not None)
+    fw = flash_window(window_size, causal, seqlen_q=L, seqlen_k=capacity,
+                      has_alibi=alibi_slopes is not None)
     full_k, full_v = k_cache, v_cache
     index = None
     if cache_batch_idx is not None:

@@ -104,7 +104,7 @@ def scaled_dot_product_attention(
     >>> bool(np.allclose(out, refattn.scaled_dot_product_attention(q, k, v, is_causal=True)))
     True
     """
-    xp, query, mask, bias = _sdpa_translate(
+    xp, query, mask, bias = sdpa_translate(
         query, key, value, attn_mask, is_causal, enable_gqa, xp
     )
     return attention(
@@ -117,9 +117,28 @@ def scaled_dot_product_attention(
 # --- backward -------------------------------------------------------------------------
 
 
-def _sdpa_translate(
+def sdpa_translate(
     query: Any, key: Any, value: Any, attn_mask: Any, is_causal: Any, enable_gqa: Any, xp: Any
 ) -> tuple[Any, Any, Any, Any]:
+    """Translate torch's SDPA arguments into refattn's.
+
+    An internal helper shared by this module's front-ends and the audit behind
+    ``refattn check`` (``refattn._audit``); it is not public API.
+
+    Parameters
+    ----------
+    query, key, value, attn_mask, is_causal, enable_gqa
+        As :func:`scaled_dot_product_attention` takes them.
+    xp : namespace or None
+        The arrays' namespace; inferred when None.
+
+    Returns
+    -------
+    tuple
+        ``(xp, query, mask, bias)``: the namespace, the query with its heads broadcast
+        (unless ``enable_gqa``), and ``attn_mask`` as a boolean ``mask`` or an additive
+        ``bias`` (the other None).
+    """
     # torch's arguments -> (xp, query with broadcast heads, mask, bias): the one place
     # where torch's SDPA conventions become refattn's, for the forward and the backward.
     xp, _ = infer_namespace(
@@ -219,7 +238,7 @@ def scaled_dot_product_attention_backward(
     True
     """
     query_in = query
-    xp, query, mask, bias = _sdpa_translate(
+    xp, query, mask, bias = sdpa_translate(
         query, key, value, attn_mask, is_causal, enable_gqa, xp
     )
     broadcast_query = tuple(query.shape) != tuple(query_in.shape)

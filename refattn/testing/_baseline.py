@@ -36,7 +36,6 @@ from typing import Any
 
 import numpy as np
 
-from .._arrays import to_numpy
 from .._front_door import attention, attention_backward
 
 __all__ = [
@@ -57,12 +56,6 @@ def dtype_name(x: Any) -> str:
     # torch.bfloat16, array_api_strict.float32, numpy's float16 and ml_dtypes' bfloat16
     # all end in the bare name.
     return str(x.dtype).rsplit(".", 1)[-1]
-
-
-def to_numpy64(x: Any) -> np.ndarray:
-    # Kept for refattn/_check.py, which imports it; everything else calls
-    # refattn._arrays.to_numpy(x, float64=True), which this is. Remove with that import.
-    return to_numpy(x, float64=True)
 
 
 def numpy_rounder(name: str) -> Callable[[np.ndarray], np.ndarray]:

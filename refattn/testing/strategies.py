@@ -429,11 +429,11 @@ class AttentionCase:
                         alignment="top_left", masked_rows="zero")
             return opts
         if self.convention == "flash":
-            from ..compat.flash_attn import _flash_window
+            from ..compat.flash_attn import flash_window
 
-            fw = _flash_window(kw.get("window_size", (-1, -1)), bool(kw.get("causal")),
-                               seqlen_q=self.q.shape[1], seqlen_k=self.k.shape[1],
-                               has_alibi=kw.get("alibi_slopes") is not None)
+            fw = flash_window(kw.get("window_size", (-1, -1)), bool(kw.get("causal")),
+                              seqlen_q=self.q.shape[1], seqlen_k=self.k.shape[1],
+                              has_alibi=kw.get("alibi_slopes") is not None)
             opts.update(window=fw.window, alignment="bottom_right", layout="BLHD",
                         scale=kw.get("softmax_scale"), softcap=kw.get("softcap") or None,
                         alibi_slopes=kw.get("alibi_slopes"), masked_rows="zero")

@@ -1,0 +1,241 @@
+"""The report: the audit over every (group, backend, dtype) cell, its table and plot.
+
+:func:`audit` runs the cases of each cell, judges them (with the group budget for low
+precisions), shrinks the first semantic failure and sums the cell up in a
+:class:`GroupReport`; :func:`print_table`, :func:`print_failures`, :func:`report_json`
+and :func:`plot` write the reports out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+import numpy as np
+
+from .cases import Case, make_case
+from .judging import CaseResult, apply_group_budget, error_ratio, evaluate
+from .shrinking import shrink_semantic
+from .targets import Backend
+
+__all__ = ["GroupReport", "audit", "plot", "print_failures", "print_table",
+           "quiet_warnings", "report_json"]
+
+# Semantic failures printed in full (with their snippet); the JSON report has them all.
+_SHOWN = 5
+
+
+@dataclass
+class GroupReport:
+    """One (group, backend, dtype) cell of the table."""
+
+    group: str
+    backend: str
+    dtype: str
+    cases: int = 0
+    worst_ratio: float = 0.0
+    worst_error: float = 0.0
+    worst_budget: float = 0.0
+    worst_tensor: str = ""
+    verdict: str = "ok"
+    results: list[CaseResult] = field(default_factory=list)
+
+    @property
+    def failures(self) -> list[CaseResult]:
+        return [r for r in self.results if r.status in ("precision", "semantic", "known")]
+
+
+def audit(
+    backends: list[Backend],
+    *,
+    groups: list[str],
+    dtypes: list[str],
+    examples: int,
+    seed: int,
+    grad: bool = False,
+    progress: Callable[[int, int, str], None] | None = None,
+    shrink_failures: bool = True,
+) -> list[GroupReport]:
+    """Run every (group, backend, dtype) cell and summarise it."""
+    reports = []
+    total = len(groups) * len(backends) * len(dtypes)
+    for group in groups:
+        for backend in backends:
+            cases = [make_case(group, seed, i, backend.convention.name)
+                     for i in range(examples)]
+            for dtype_name in dtypes:
+                rep = GroupReport(group, backend.name, dtype_name)
+                use_grad = grad and backend.grads
+                evaluated = [(case, *evaluate(case, backend, dtype_name, grad=use_grad))
+                             for case in cases]
+                if dtype_name != "float64":
+                    apply_group_budget(evaluated)
+                _summarise(rep, evaluated)
+                if shrink_failures:
+                    shrink_semantic(evaluated, backend, dtype_name, use_grad)
+                reports.append(rep)
+                if progress is not None:
+                    progress(len(reports), total, f"{group} / {backend.name} / {dtype_name}")
+    return reports
+
+
+def _summarise(rep: GroupReport, evaluated: list[tuple[Case, CaseResult, Any]]) -> None:
+    for _, r, _ in evaluated:
+        rep.results.append(r)
+        if r.status in ("skipped", "unsupported"):
+            rep.verdict = f"{r.status} ({r.detail.split(':')[0]})"
+            continue
+        rep.cases += 1
+        if r.status == "ok" and r.errors and r.ratio >= rep.worst_ratio:
+            name = r.worst or "out"
+            rep.worst_ratio, rep.worst_error, rep.worst_budget = (
+                r.ratio, r.errors[name], r.budgets.get(name, 0.0))
+            rep.worst_tensor = name
+    statuses = {f.status for f in rep.failures}
+    if "semantic" in statuses:
+        rep.verdict = "FAIL (semantic)"
+    elif "precision" in statuses:
+        rep.verdict = "FAIL (precision)"
+    elif "known" in statuses:
+        names = sorted({f.detail for f in rep.failures})
+        rep.verdict = "known deviation: " + "; ".join(names)
+
+
+@contextlib.contextmanager
+def quiet_warnings() -> Iterator[None]:
+    """Silence warnings of the audited code (torch's dropout test hook, overflows)."""
+    import warnings
+
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore")
+        yield
+
+
+# --- writing it out -------------------------------------------------------------------
+
+
+def _ratio_text(r: GroupReport) -> str:
+    if not r.cases or not r.worst_budget:
+        return "-"
+    tensor = f" ({r.worst_tensor})" if r.worst_tensor and r.worst_tensor != "out" else ""
+    return f"{r.worst_error:.2e} / {r.worst_budget:.2e}{tensor}"
+
+
+def print_table(reports: list[GroupReport], out: TextIO) -> None:
+    """One row per cell: cases, the worst error against its budget, the verdict."""
+    header = ("group", "backend", "dtype", "cases", "worst error / budget", "verdict")
+    rows = [(r.group, r.backend, r.dtype, str(r.cases), _ratio_text(r), r.verdict)
+            for r in reports]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
+    line = "  ".join(f"{{:<{w}}}" for w in widths)
+    print(line.format(*header).rstrip(), file=out)
+    print("  ".join("-" * w for w in widths), file=out)
+    for row in rows:
+        print(line.format(*row).rstrip(), file=out)
+
+
+def print_failures(reports: list[GroupReport], out: TextIO) -> None:
+    """The semantic failures with their repro snippets, then the precision failures."""
+    semantic = [(r, f) for r in reports for f in r.failures if f.status == "semantic"]
+    precision = [(r, f) for r in reports for f in r.failures if f.status == "precision"]
+    if semantic:
+        print("\nSemantic differences (not rounding):", file=out)
+        shown = 0
+        for r, f in semantic:
+            if f.snippet and shown < _SHOWN:
+                shown += 1
+                print(f"\n* {r.group} / {r.backend} / {r.dtype}: {f.detail}\n  smallest "
+                      f"case: {f.case}\n  repro:\n    "
+                      + f.snippet.replace("\n", "\n    "), file=out)
+        others = len(semantic) - shown
+        if others:
+            print(f"\n  ... and {others} more semantic failures (cases in the JSON report):",
+                  file=out)
+            for r, f in [x for x in semantic if not x[1].snippet][:_SHOWN]:
+                print(f"  - {r.group} / {r.backend} / {r.dtype}: {f.detail}", file=out)
+    if precision:
+        print("\nPrecision failures (error over its budget):", file=out)
+        for r, f in precision[:10]:
+            print(f"  - {r.group} / {r.backend} / {r.dtype}: {f.detail}\n    case: {f.case}",
+                  file=out)
+        if len(precision) > 10:
+            print(f"  ... and {len(precision) - 10} more (see --json)", file=out)
+
+
+def _json_safe(x: Any) -> Any:
+    # JSON has no inf or NaN: write them as strings.
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+def report_json(reports: list[GroupReport], meta: dict[str, Any]) -> dict[str, Any]:
+    """The full report as JSON-ready data: ``meta`` and every cell with its results.
+
+    Examples
+    --------
+    >>> report_json([GroupReport("plain", "math", "float64")], {"seed": 0})["cells"][0][
+    ...     "verdict"]
+    'ok'
+    """
+    cells = []
+    for r in reports:
+        cells.append({
+            "group": r.group, "backend": r.backend, "dtype": r.dtype, "cases": r.cases,
+            "worst_ratio": r.worst_ratio, "worst_error": r.worst_error,
+            "worst_budget": r.worst_budget, "worst_tensor": r.worst_tensor,
+            "verdict": r.verdict, "results": [x.to_dict() for x in r.results],
+        })
+    return _json_safe({**meta, "cells": cells})
+
+
+def plot(reports: list[GroupReport], path: str, title: str) -> None:
+    """Draw every case's error / budget per group, one panel per dtype, to ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dtypes = list(dict.fromkeys(r.dtype for r in reports))
+    groups = list(dict.fromkeys(r.group for r in reports))
+    backends = list(dict.fromkeys(r.backend for r in reports))
+    fig, axes = plt.subplots(len(dtypes), 1, figsize=(max(8, 0.9 * len(groups) + 3),
+                                                        2.8 * len(dtypes) + 1),
+                             squeeze=False, sharex=True)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    floor = 1e-4
+    for ax, dtype in zip(axes[:, 0], dtypes, strict=True):
+        for b_index, backend in enumerate(backends):
+            xs, ys = [], []
+            for r in reports:
+                if r.dtype != dtype or r.backend != backend:
+                    continue
+                x = groups.index(r.group) + (b_index - (len(backends) - 1) / 2) * 0.15
+                for res in r.results:
+                    for name, err in res.errors.items():
+                        ratio = error_ratio(err, res.budgets.get(name, 0.0))
+                        xs.append(x)
+                        ys.append(min(max(ratio, floor), 1e4))
+            ax.scatter(xs, ys, s=12, alpha=0.6, color=colors[b_index % len(colors)],
+                       label=backend)
+        ax.axhline(1.0, color="black", linewidth=1)
+        ax.text(-0.45, 1.15, "budget", ha="left", va="bottom", fontsize=8)
+        ax.set_yscale("log")
+        ax.set_ylim(floor / 2, 2e4)
+        ax.set_ylabel(f"{dtype}\nerror / budget")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0, 0].legend(loc="upper right", fontsize=8, ncol=len(backends))
+    axes[0, 0].set_title(f"{title}: error / budget per case and tensor "
+                         f"(exact results drawn at {floor:g})", fontsize=10)
+    axes[-1, 0].set_xticks(range(len(groups)))
+    axes[-1, 0].set_xticklabels(groups, rotation=30, ha="right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
