@@ -1,6 +1,6 @@
 """``refattn.attention`` and ``attention_backward`` route to the fused kernels: the dispatch
 glue, run on the CPU shim by letting NumPy arrays through to the kernels
-(``_KERNEL_LIBRARIES``). Tolerances are the derived bounds of ``tests/cuda/_bounds.py``.
+(``_KERNEL_LIBRARIES``). Tolerances are the derived bounds of ``tests/helpers/cuda_bounds.py``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 
 import refattn
 from refattn import _cuda
-from tests.cuda._bounds import Problem, backward_tolerance, forward_tolerance, mismatch
+from tests.helpers.cuda_bounds import Problem, backward_tolerance, forward_tolerance, mismatch
 
 # The module, not the function refattn.attention that shadows it in the package.
 attention_module = importlib.import_module("refattn.attention")

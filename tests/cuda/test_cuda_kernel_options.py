@@ -3,7 +3,7 @@
 Forward (``flash_attention``) and backward (``flash_attention_backward``) run unchanged
 through the shim with CuPy's call API; the reference is ``refattn.attention`` /
 ``attention_backward(implementation="direct")`` in float64 on the same inputs, and the
-tolerances are the derived bounds of ``tests/cuda/_bounds.py``. Options: boolean masks,
+tolerances are the derived bounds of ``tests/helpers/cuda_bounds.py``. Options: boolean masks,
 float biases and dropout keep-masks broadcast from any compact shape, causal masks and
 windows in both alignments, softcap, the three masked-row policies, grouped-query heads
 with K != Kv, float64 and float32.
@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from refattn._agnostic._backward import sum_to_shape
 from refattn._cuda import _launch, _modules, flash_attention, flash_attention_backward
 from refattn._cuda_shim import MAX_DYNAMIC_SMEM, ShimModule
-from tests.cuda._bounds import Problem, backward_tolerance, forward_tolerance, mismatch
+from tests.helpers.cuda_bounds import Problem, backward_tolerance, forward_tolerance, mismatch
 
 pytestmark = pytest.mark.usefixtures("gxx")
 

@@ -22,8 +22,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import refattn
-
-from ._variants import assert_within, forward_bound, lse_bound
+from tests.helpers.variants import assert_within, forward_bound, lse_bound
 
 
 @dataclass

@@ -10,7 +10,7 @@ Every mod below is written once, with array-API calls on the namespace of its ar
 and handed unchanged to torch (which calls it under vmap on 0-d tensors) and to refattn
 (which calls it once on broadcast index grids of the backend's arrays). Arrays a mod
 captures are made in the library of the call by ``Mods``. Tolerances are the derived
-rounding bounds of tests/_variants.py.
+rounding bounds of tests/helpers/variants.py.
 """
 
 from __future__ import annotations
@@ -27,8 +27,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from refattn.compat.flex import AuxOutput, BlockMask, create_block_mask, flex_attention
-
-from ._variants import assert_within, forward_bound, lse_bound
+from tests.helpers.variants import assert_within, forward_bound, lse_bound
 
 torch = pytest.importorskip("torch")
 flex_module = pytest.importorskip("torch.nn.attention.flex_attention")

@@ -16,7 +16,7 @@ Hand-worked examples pin the transcription where it departs from the docstring
 formula (the clamped right edge when L > S + 1). Varlen is checked against the loop
 over sequences of the same reference, the KV cache against the reference over each
 sequence's concatenated keys. Tolerances are the derived rounding bounds of
-tests/_variants.py.
+tests/helpers/variants.py.
 """
 
 from __future__ import annotations
@@ -36,8 +36,7 @@ from refattn.compat.flash_attn import (
     flash_attn_varlen_func,
     flash_attn_with_kvcache,
 )
-
-from ._variants import U64, assert_within, forward_bound, lse_bound, weight_bound
+from tests.helpers.variants import U64, assert_within, forward_bound, lse_bound, weight_bound
 
 # --- the reference -------------------------------------------------------------------------
 

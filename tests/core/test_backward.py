@@ -1069,7 +1069,7 @@ def test_docs_gradients_examples_run():
     # docs/gradients.rst shows a user's backward checked against refattn; run every code
     # block of that section, in order, so the page cannot drift from what works.
     pytest.importorskip("torch")
-    text = (Path(__file__).resolve().parents[1] / "docs" / "gradients.rst").read_text()
+    text = (Path(__file__).resolve().parents[2] / "docs" / "gradients.rst").read_text()
     marker = ".. _checking-a-backward:"
     assert marker in text
     blocks = re.findall(r"\.\. code-block:: python\n\n((?:    .*\n|\n)+)",

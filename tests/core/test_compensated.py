@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 import refattn
 from refattn._agnostic import _accurate as acc
 from refattn.testing import exact_attention
-from tests.test_exact import Case, exact_cases
+from tests.testing.test_exact import Case, exact_cases
 
 mpmath = pytest.importorskip("mpmath")
 

@@ -34,7 +34,7 @@ from refattn._agnostic._blocked import (
 )
 from refattn._agnostic._direct import direct_attention
 from refattn._tolerance import rounding_bound
-from tests.test_backward import _np_sum_to, grad_bounds
+from tests.core.test_backward import _np_sum_to, grad_bounds
 
 U64 = float(np.finfo(np.float64).eps) / 2  # unit roundoff of float64
 # The module, not the function that ``refattn.attention`` names.

@@ -20,8 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from refattn.compat.jax import FILL, dot_product_attention
-
-from ._variants import assert_within, forward_bound, lse_bound
+from tests.helpers.variants import assert_within, forward_bound, lse_bound
 
 jax = pytest.importorskip("jax")
 jnp = pytest.importorskip("jax.numpy")

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import refattn
-from tests._cases import assert_close_within, cases, output_bound
+from tests.helpers.cases import assert_close_within, cases, output_bound
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.torch

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import refattn
-from tests._cases import (
+from tests.helpers.cases import (
     assert_close_within,
     cases,
     output_bound,

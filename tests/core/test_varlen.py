@@ -4,7 +4,7 @@ The reference is the definition: run ``refattn.attention`` on every sequence apa
 (with the core's own causal / window / alignment / softcap / ALiBi options) and
 concatenate. A second reference is the packed problem with an explicit block-diagonal
 mask and ALiBi bias built here entry by entry. Tolerances are the derived rounding
-bounds of tests/_variants.py, taken over the packed problem (its longer rows only add
+bounds of tests/helpers/variants.py, taken over the packed problem (its longer rows only add
 terms to the bounds, so they cover the per-sequence computations too).
 """
 
@@ -20,8 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import refattn
-
-from ._variants import (
+from tests.helpers.variants import (
     U64,
     alibi_bias,
     assert_within,

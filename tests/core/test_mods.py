@@ -24,8 +24,7 @@ from hypothesis import strategies as st
 
 import refattn
 from refattn import mods
-
-from ._variants import (
+from tests.helpers.variants import (
     U64,
     alibi_bias,
     assert_within,
