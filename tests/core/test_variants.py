@@ -158,7 +158,7 @@ class _Cube:
        cube=st.booleans())
 def test_softcap_bias_and_score_mod_follow_the_documented_order(case, softcap, cube):
     bias = case.rng.standard_normal((case.L, case.S))
-    mask = case.mask()
+    mask = case.random_mask()
     scale = case.E**-0.5
     tq, tk, tv = (torch.from_numpy(x).requires_grad_(True) for x in (case.q, case.k, case.v))
     tb = torch.from_numpy(bias).requires_grad_(True)

@@ -20,6 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import refattn
+from tests.helpers.cases import divisors
 from tests.helpers.variants import (
     U64,
     alibi_bias,
@@ -97,7 +98,7 @@ def cases(draw: st.DrawFn, *, policies: tuple[str, ...] = ("zero", "nan")) -> Ca
         st.lists(st.integers(0, 5), min_size=B, max_size=B))
     K = draw(st.sampled_from([1, 2]))
     H = K * draw(st.sampled_from([1, 2]))
-    Kv = draw(st.sampled_from([d for d in (1, 2, 4) if H % d == 0]))
+    Kv = draw(st.sampled_from(divisors(H)))
     E, Ev = draw(st.integers(1, 4)), draw(st.integers(1, 3))
     window = draw(st.one_of(st.none(), st.tuples(SIDES, SIDES)))
     slopes_kind = draw(st.sampled_from([None, "H", "BH"]))

@@ -1,4 +1,4 @@
-"""Hypothesis strategies and tolerances shared by the core tests.
+"""The case type of the tests, the strategies that draw cases, and shared tolerances.
 
 Cases are drawn as sizes plus a seed; the arrays themselves come from NumPy's
 generator, which keeps shrinking fast (hypothesis shrinks the sizes, not the floats).
@@ -6,8 +6,9 @@ generator, which keeps shrinking fast (hypothesis shrinks the sizes, not the flo
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from hypothesis import strategies as st
@@ -15,25 +16,46 @@ from hypothesis import strategies as st
 EPS64 = float(np.finfo(np.float64).eps)
 
 
+def divisors(n: int) -> list[int]:
+    """The divisors of n in increasing order (head counts K, Kv that divide H)."""
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
 @dataclass
 class Case:
+    """One attention problem: q, k, v as NumPy float64 arrays and what it is run with.
+
+    The one case type of the tests. ``options`` are keyword arguments of the function
+    under test (``scale`` among them, or the default 1/sqrt(E)); ``dout`` a gradient of
+    the output where a test needs one. Test files whose problems carry more (block sizes,
+    mods, a convention's own options) subclass it with keyword-only fields. ``layout``
+    says where heads and positions sit: "BHLD" (..., H, L, E) or "BLHD" (..., L, H, E).
+    """
+
     q: np.ndarray
     k: np.ndarray
     v: np.ndarray
     options: dict[str, Any] = field(default_factory=dict)
+    dout: np.ndarray | None = None
     rng: np.random.Generator = field(default_factory=np.random.default_rng)
+
+    layout: ClassVar[str] = "BHLD"
+
+    @property
+    def _heads_axis(self) -> int:
+        return -3 if self.layout == "BHLD" else -2
 
     @property
     def H(self) -> int:
-        return self.q.shape[-3]
+        return self.q.shape[self._heads_axis]
 
     @property
     def L(self) -> int:
-        return self.q.shape[-2]
+        return self.q.shape[-5 - self._heads_axis]
 
     @property
     def S(self) -> int:
-        return self.k.shape[-2]
+        return self.k.shape[-5 - self._heads_axis]
 
     @property
     def E(self) -> int:
@@ -43,8 +65,14 @@ class Case:
     def batch(self) -> tuple[int, ...]:
         return self.q.shape[:-3]
 
-    def mask(self, *, density: float = 0.7, min_true_per_row: int = 1,
-             shape: tuple[int, ...] | None = None) -> np.ndarray:
+    @property
+    def scale_value(self) -> float:
+        """The scale the options ask for: ``scale``, or 1/sqrt(E) when it is None."""
+        s = self.options.get("scale")
+        return 1.0 / math.sqrt(self.E) if s is None else s
+
+    def random_mask(self, *, density: float = 0.7, min_true_per_row: int = 1,
+                    shape: tuple[int, ...] | None = None) -> np.ndarray:
         """A random boolean mask; each row keeps at least ``min_true_per_row`` keys."""
         shape = shape or (*self.batch, self.H, self.L, self.S)
         m = self.rng.random(shape) < density
@@ -61,7 +89,7 @@ def cases(draw: st.DrawFn, *, min_len: int = 1, max_len: int = 6, gqa: bool = Tr
     K = draw(st.sampled_from([1, 2]))
     groups = draw(st.sampled_from([1, 2, 3])) if gqa else 1
     H = K * groups
-    Kv = draw(st.sampled_from([d for d in range(1, H + 1) if H % d == 0])) if gqa else H
+    Kv = draw(st.sampled_from(divisors(H))) if gqa else H
     L = draw(st.integers(min_len, max_len))
     S = draw(st.integers(min_len, max_len + 1))
     E = draw(st.integers(1, 8))
@@ -75,6 +103,75 @@ def cases(draw: st.DrawFn, *, min_len: int = 1, max_len: int = 6, gqa: bool = Tr
     k = rng.standard_normal((*batch_shape, K, S, E)) * amp
     v = rng.standard_normal((*batch_shape, Kv, S, Ev))
     return Case(q, k, v, rng=rng)
+
+
+@st.composite
+def exact_cases(draw: st.DrawFn, *, logit: float | None = None, max_len: int = 4) -> Case:
+    """Tiny problems exercising every option of exact_attention.
+
+    Sizes, options and a seed are drawn; the arrays come from NumPy's generator.
+    ``logit`` sets the logit magnitude (rows of q and k normalised so that
+    |scale q.k| <= logit); by default a mix of small and moderate ones.
+    """
+    two_d = draw(st.booleans())
+    if two_d:
+        batch, H, K, Kv = (), 1, 1, 1
+    else:
+        batch = draw(st.sampled_from([(), (2,)]))
+        K = draw(st.sampled_from([1, 2]))
+        H = K * draw(st.sampled_from([1, 2]))
+        Kv = draw(st.sampled_from(divisors(H)))
+    L = draw(st.integers(0, max_len))
+    S = draw(st.integers(0, max_len))
+    E = draw(st.integers(1, 4))
+    Ev = draw(st.integers(1, 3))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    scale = draw(st.sampled_from([None, None, 0.375, -0.7, 0.0, 1.0 / 3.0]))
+    scale_value = 1.0 / math.sqrt(E) if scale is None else scale
+    size = logit if logit is not None else draw(st.sampled_from([0.5, 3.0, 40.0]))
+
+    def rows(shape: tuple[int, ...]) -> np.ndarray:
+        # Rows of norm r with r^2 |scale| = size give |scale q.k| <= size.
+        x = rng.standard_normal(shape)
+        norm = np.linalg.norm(x, axis=-1, keepdims=True)
+        r = math.sqrt(size / max(abs(scale_value), 0.25))
+        return x / np.where(norm == 0, 1, norm) * r
+
+    head = () if two_d else (H,)
+    k_batch = draw(st.sampled_from([batch, ()]))  # k (and v) may broadcast over batch
+    q = rows((*batch, *head, L, E))
+    k = rows((*k_batch, *(() if two_d else (K,)), S, E))
+    if S >= 2 and draw(st.booleans()):
+        k[..., 1, :] = k[..., 0, :]  # a tie: two keys with identical scores
+    v = rng.standard_normal((*k_batch, *(() if two_d else (Kv,)), S, Ev)) * draw(
+        st.sampled_from([1.0, 1e-3, 1e3])
+    )
+    scores = (*batch, *head, L, S)
+    kwargs: dict[str, Any] = {"scale": scale}
+    if draw(st.booleans()):
+        kwargs["softcap"] = draw(st.sampled_from([0.5, 5.0, 30.0]))
+    if draw(st.booleans()):
+        shape = draw(st.sampled_from([scores, (L, S), (*head, 1, S)]))
+        bias = rng.standard_normal(shape) * draw(st.sampled_from([1.0, 10.0]))
+        if draw(st.booleans()):
+            bias[rng.random(shape) < 0.3] = -np.inf
+        kwargs["bias"] = bias
+    if draw(st.booleans()):
+        shape = draw(st.sampled_from([scores, (L, S)]))
+        mask = rng.random(shape) < 0.7
+        if L and draw(st.booleans()):
+            mask[..., 0, :] = False  # a fully masked row
+        kwargs["mask"] = mask
+    if draw(st.booleans()):
+        kwargs["causal"] = True
+        kwargs["alignment"] = draw(st.sampled_from(["top_left", "bottom_right"]))
+    p = draw(st.sampled_from([0.0, 0.0, 0.25, 1.0]))
+    if p > 0:
+        kwargs["dropout_p"] = p
+        kwargs["dropout_mask"] = rng.random(scores) >= p
+    kwargs["masked_rows"] = draw(st.sampled_from(["zero", "nan", "uniform"]))
+    dout = rng.standard_normal((*batch, *head, L, Ev))
+    return Case(q, k, v, kwargs, dout=dout)
 
 
 def repeat_heads(x: np.ndarray, H: int) -> np.ndarray:
