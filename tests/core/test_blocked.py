@@ -34,7 +34,7 @@ from refattn._agnostic._blocked import (
 )
 from refattn._agnostic._direct import direct_attention
 from refattn._tolerance import rounding_bound
-from tests.helpers.cases import divisors
+from tests.helpers.cases import Case, divisors
 from tests.helpers.gradients import grad_bounds, np_sum_to
 
 U64 = float(np.finfo(np.float64).eps) / 2  # unit roundoff of float64
@@ -45,11 +45,10 @@ attention_module = importlib.import_module("refattn.attention")
 # --- cases ------------------------------------------------------------------------------
 
 
-@dataclass
-class Problem:
-    q: np.ndarray
-    k: np.ndarray
-    v: np.ndarray
+@dataclass(kw_only=True)
+class Problem(Case):
+    """A case with every option of the blocked path spelled out, and its block sizes."""
+
     scale: float
     mask: np.ndarray | None
     bias: np.ndarray | None
@@ -60,17 +59,8 @@ class Problem:
     masked_rows: str
     block_l: int
     block_s: int
-    dout: np.ndarray | None = None  # a gradient of the output, for the backward
     left: int | None = None  # a window's left edge: keys j >= i + shift - left
     slopes: np.ndarray | None = None  # ALiBi slopes, (H,) or (*batch, H)
-
-    @property
-    def L(self) -> int:
-        return self.q.shape[-2]
-
-    @property
-    def S(self) -> int:
-        return self.k.shape[-2]
 
     @property
     def base_shift(self) -> int:
