@@ -104,7 +104,7 @@ def test_empty_and_fully_masked_on_gpu(cupy_modules) -> None:
 
 # ------------------------------------------------------------------ every option, on CuPy
 import refattn  # noqa: E402
-from tests.cuda._bounds import (  # noqa: E402
+from tests.helpers.cuda_bounds import (  # noqa: E402
     Problem,
     backward_tolerance,
     forward_tolerance,

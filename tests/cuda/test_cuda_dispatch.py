@@ -1,6 +1,6 @@
 """``refattn.attention`` and ``attention_backward`` route to the fused kernels: the dispatch
 glue, run on the CPU shim, which serves NumPy arrays to the kernels
-(``serve_numpy_arrays``). Tolerances are the derived bounds of ``tests/cuda/_bounds.py``.
+(``serve_numpy_arrays``). Tolerances are the derived bounds of ``tests/helpers/cuda_bounds.py``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 import refattn
 from refattn._cuda import _paths
 from refattn._cuda_shim import serve_numpy_arrays
-from tests.cuda._bounds import Problem, backward_tolerance, forward_tolerance, mismatch
+from tests.helpers.cuda_bounds import Problem, backward_tolerance, forward_tolerance, mismatch
 
 
 @pytest.fixture

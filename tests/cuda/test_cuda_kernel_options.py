@@ -3,7 +3,7 @@
 Forward (``flash_attention``) and backward (``flash_attention_backward``) run unchanged
 through the shim with CuPy's call API; the reference is ``refattn.attention`` /
 ``attention_backward(implementation="direct")`` in float64 on the same inputs, and the
-tolerances are the derived bounds of ``tests/cuda/_bounds.py``. Options: boolean masks,
+tolerances are the derived bounds of ``tests/helpers/cuda_bounds.py``. Options: boolean masks,
 float biases and dropout keep-masks broadcast from any compact shape, causal masks and
 windows in both alignments, softcap, the three masked-row policies, grouped-query heads
 with K != Kv, float64 and float32.
@@ -22,7 +22,8 @@ from hypothesis import strategies as st
 from refattn._agnostic._backward import sum_to_shape
 from refattn._cuda import _launch, _modules, flash_attention, flash_attention_backward
 from refattn._cuda_shim import MAX_DYNAMIC_SMEM, ShimModule
-from tests.cuda._bounds import Problem, backward_tolerance, forward_tolerance, mismatch
+from tests.helpers.cases import divisors
+from tests.helpers.cuda_bounds import Problem, backward_tolerance, forward_tolerance, mismatch
 
 pytestmark = pytest.mark.usefixtures("gxx")
 
@@ -56,7 +57,7 @@ def kernel_cases(draw, *, max_dim: int = 40) -> tuple[Problem, str, int]:
     B = draw(st.integers(1, 2))
     K = draw(st.sampled_from([1, 2]))
     H = K * draw(st.sampled_from([1, 2, 3]))
-    Kv = draw(st.sampled_from([d for d in range(1, H + 1) if H % d == 0]))
+    Kv = draw(st.sampled_from(divisors(H)))
     # Lengths around the 32-key tiles and 8/16-row query tiles, and empty ones.
     L = draw(st.integers(0, 40))
     S = draw(st.integers(0, 70))

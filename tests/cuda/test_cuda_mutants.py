@@ -166,7 +166,7 @@ def test_out_of_bounds_read_needs_the_sanitizer(asan, mismatch, mutant: str) -> 
 # ------------------------------------------------------------------ forward options
 from refattn._cuda import flash_attention, flash_attention_backward  # noqa: E402
 from refattn._cuda_shim import MAX_DYNAMIC_SMEM  # noqa: E402
-from tests.cuda._bounds import (  # noqa: E402
+from tests.helpers.cuda_bounds import (  # noqa: E402
     Problem,
     backward_tolerance,
     forward_tolerance,

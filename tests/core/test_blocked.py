@@ -34,18 +34,18 @@ from refattn._agnostic._blocked import (
 )
 from refattn._agnostic._direct import direct_attention
 from refattn._tolerance import rounding_bound
-from tests.test_backward import _np_sum_to, grad_bounds
+from tests.helpers.cases import Case, divisors
+from tests.helpers.gradients import grad_bounds, np_sum_to
 
 U64 = float(np.finfo(np.float64).eps) / 2  # unit roundoff of float64
 
 # --- cases ------------------------------------------------------------------------------
 
 
-@dataclass
-class Problem:
-    q: np.ndarray
-    k: np.ndarray
-    v: np.ndarray
+@dataclass(kw_only=True)
+class Problem(Case):
+    """A case with every option of the blocked path spelled out, and its block sizes."""
+
     scale: float
     mask: np.ndarray | None
     bias: np.ndarray | None
@@ -56,17 +56,8 @@ class Problem:
     masked_rows: str
     block_l: int
     block_s: int
-    dout: np.ndarray | None = None  # a gradient of the output, for the backward
     left: int | None = None  # a window's left edge: keys j >= i + shift - left
     slopes: np.ndarray | None = None  # ALiBi slopes, (H,) or (*batch, H)
-
-    @property
-    def L(self) -> int:
-        return self.q.shape[-2]
-
-    @property
-    def S(self) -> int:
-        return self.k.shape[-2]
 
     @property
     def base_shift(self) -> int:
@@ -98,17 +89,13 @@ class Problem:
         return max(1, math.ceil(self.S / self.block_s))
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
 @st.composite
 def problems(draw: st.DrawFn, *, max_len: int = 7, dropout: bool = True) -> Problem:
     """Small attention problems with every option of the blocked path drawn."""
     batch = draw(st.sampled_from([(), (2,), (2, 1)]))
     H = draw(st.sampled_from([1, 2, 4, 6]))
-    K = draw(st.sampled_from(_divisors(H)))
-    Kv = draw(st.sampled_from(_divisors(H)))
+    K = draw(st.sampled_from(divisors(H)))
+    Kv = draw(st.sampled_from(divisors(H)))
     L = draw(st.integers(0, max_len))
     S = draw(st.integers(0, max_len + 1))
     E = draw(st.integers(1, 5))
@@ -420,7 +407,7 @@ def _user_bias_bounds(p: Problem, b):
         return b
     bounds, mags = list(b.bounds), list(b.mags)
     for values in (bounds, mags):
-        values[3] = None if p.bias is None else _np_sum_to(
+        values[3] = None if p.bias is None else np_sum_to(
             np.broadcast_to(values[3], p.full_bias().shape), p.bias.shape)
     return replace(b, bounds=bounds, mags=mags)
 

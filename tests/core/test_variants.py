@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import refattn
-from tests._cases import assert_close_within, cases, output_bound
+from tests.helpers.cases import assert_close_within, cases, output_bound
 
 
 def explicit_window(L, S, left, right, shift):
@@ -158,7 +158,7 @@ class _Cube:
        cube=st.booleans())
 def test_softcap_bias_and_score_mod_follow_the_documented_order(case, softcap, cube):
     bias = case.rng.standard_normal((case.L, case.S))
-    mask = case.mask()
+    mask = case.random_mask()
     scale = case.E**-0.5
     tq, tk, tv = (torch.from_numpy(x).requires_grad_(True) for x in (case.q, case.k, case.v))
     tb = torch.from_numpy(bias).requires_grad_(True)

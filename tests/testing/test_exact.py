@@ -11,17 +11,16 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import dataclass
 from typing import Any
 
 import array_api_compat
 import numpy as np
 import pytest
 from hypothesis import given
-from hypothesis import strategies as st
 
 import refattn
 from refattn.testing import ExactResult, exact_attention
+from tests.helpers.cases import Case, exact_cases
 
 mpmath = pytest.importorskip("mpmath")
 
@@ -30,96 +29,6 @@ mpmath = pytest.importorskip("mpmath")
 # differ by at most ~10^-47 M. Where a result cancels to (near) zero that absolute
 # difference, not half an ulp of the tiny result, is what one can ask for.
 CANCEL = 1e-40
-
-
-# --- cases -----------------------------------------------------------------------------
-
-
-@dataclass
-class Case:
-    q: np.ndarray
-    k: np.ndarray
-    v: np.ndarray
-    dout: np.ndarray
-    kwargs: dict[str, Any]
-
-    @property
-    def scale(self) -> float:
-        s = self.kwargs.get("scale")
-        return 1.0 / math.sqrt(self.q.shape[-1]) if s is None else s
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
-@st.composite
-def exact_cases(draw: st.DrawFn, *, logit: float | None = None, max_len: int = 4) -> Case:
-    """Tiny problems exercising every option of exact_attention.
-
-    Sizes, options and a seed are drawn; the arrays come from NumPy's generator.
-    ``logit`` sets the logit magnitude (rows of q and k normalised so that
-    |scale q.k| <= logit); by default a mix of small and moderate ones.
-    """
-    two_d = draw(st.booleans())
-    if two_d:
-        batch, H, K, Kv = (), 1, 1, 1
-    else:
-        batch = draw(st.sampled_from([(), (2,)]))
-        K = draw(st.sampled_from([1, 2]))
-        H = K * draw(st.sampled_from([1, 2]))
-        Kv = draw(st.sampled_from(_divisors(H)))
-    L = draw(st.integers(0, max_len))
-    S = draw(st.integers(0, max_len))
-    E = draw(st.integers(1, 4))
-    Ev = draw(st.integers(1, 3))
-    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    scale = draw(st.sampled_from([None, None, 0.375, -0.7, 0.0, 1.0 / 3.0]))
-    scale_value = 1.0 / math.sqrt(E) if scale is None else scale
-    size = logit if logit is not None else draw(st.sampled_from([0.5, 3.0, 40.0]))
-
-    def rows(shape: tuple[int, ...]) -> np.ndarray:
-        # Rows of norm r with r^2 |scale| = size give |scale q.k| <= size.
-        x = rng.standard_normal(shape)
-        norm = np.linalg.norm(x, axis=-1, keepdims=True)
-        r = math.sqrt(size / max(abs(scale_value), 0.25))
-        return x / np.where(norm == 0, 1, norm) * r
-
-    head = () if two_d else (H,)
-    k_batch = draw(st.sampled_from([batch, ()]))  # k (and v) may broadcast over batch
-    q = rows((*batch, *head, L, E))
-    k = rows((*k_batch, *(() if two_d else (K,)), S, E))
-    if S >= 2 and draw(st.booleans()):
-        k[..., 1, :] = k[..., 0, :]  # a tie: two keys with identical scores
-    v = rng.standard_normal((*k_batch, *(() if two_d else (Kv,)), S, Ev)) * draw(
-        st.sampled_from([1.0, 1e-3, 1e3])
-    )
-    scores = (*batch, *head, L, S)
-    kwargs: dict[str, Any] = {"scale": scale}
-    if draw(st.booleans()):
-        kwargs["softcap"] = draw(st.sampled_from([0.5, 5.0, 30.0]))
-    if draw(st.booleans()):
-        shape = draw(st.sampled_from([scores, (L, S), (*head, 1, S)]))
-        bias = rng.standard_normal(shape) * draw(st.sampled_from([1.0, 10.0]))
-        if draw(st.booleans()):
-            bias[rng.random(shape) < 0.3] = -np.inf
-        kwargs["bias"] = bias
-    if draw(st.booleans()):
-        shape = draw(st.sampled_from([scores, (L, S)]))
-        mask = rng.random(shape) < 0.7
-        if L and draw(st.booleans()):
-            mask[..., 0, :] = False  # a fully masked row
-        kwargs["mask"] = mask
-    if draw(st.booleans()):
-        kwargs["causal"] = True
-        kwargs["alignment"] = draw(st.sampled_from(["top_left", "bottom_right"]))
-    p = draw(st.sampled_from([0.0, 0.0, 0.25, 1.0]))
-    if p > 0:
-        kwargs["dropout_p"] = p
-        kwargs["dropout_mask"] = rng.random(scores) >= p
-    kwargs["masked_rows"] = draw(st.sampled_from(["zero", "nan", "uniform"]))
-    dout = rng.standard_normal((*batch, *head, L, Ev))
-    return Case(q, k, v, dout, kwargs)
 
 
 # --- the independent reference -------------------------------------------------------
@@ -135,14 +44,14 @@ def reference(case: Case, *, grads: bool) -> dict[str, np.ndarray]:
     """Every result of the case in 60-digit mpmath, by scalar loops over the formulas."""
     mp = mpmath.MPContext()
     mp.dps = 60
-    q, k, v, kw = case.q, case.k, case.v, case.kwargs
+    q, k, v, kw = case.q, case.k, case.v, case.options
     two_d = q.ndim == 2
     q4, k4, v4, d4 = (x[None] if two_d else x for x in (q, k, v, case.dout))
     batch = np.broadcast_shapes(q4.shape[:-3], k4.shape[:-3], v4.shape[:-3])
     H, L, E = q4.shape[-3:]
     K, S, _ = k4.shape[-3:]
     Kv, _, Ev = v4.shape[-3:]
-    scale = mp.mpf(case.scale)
+    scale = mp.mpf(case.scale_value)
     cap = kw.get("softcap")
     bias, mask, keep = kw.get("bias"), kw.get("mask"), kw.get("dropout_mask")
     p = kw.get("dropout_p", 0.0)
@@ -240,11 +149,11 @@ def reference(case: Case, *, grads: bool) -> dict[str, np.ndarray]:
 def _magnitude(case: Case) -> float:
     # A bound on every intermediate: products of the largest entries and lengths.
     big = [np.max(np.abs(x), initial=0.0) for x in (case.q, case.k, case.v, case.dout)]
-    bias = case.kwargs.get("bias")
+    bias = case.options.get("bias")
     if bias is not None:
         big.append(np.max(np.abs(bias[np.isfinite(bias)]), initial=0.0))
     n = sum(case.q.shape) + sum(case.k.shape) + sum(case.v.shape)
-    return float(np.prod([1.0 + b for b in big]) * (1.0 + abs(case.scale)) * n**3)
+    return float(np.prod([1.0 + b for b in big]) * (1.0 + abs(case.scale_value)) * n**3)
 
 
 def assert_correctly_rounded(actual: Any, ref: np.ndarray, cancel: float, what: str) -> None:
@@ -274,14 +183,14 @@ def assert_correctly_rounded(actual: Any, ref: np.ndarray, cancel: float, what: 
 def test_matches_scalar_mpmath_reference(case: Case) -> None:
     res = exact_attention(
         case.q, case.k, case.v, return_lse=True, return_weights=True, grad_out=case.dout,
-        **case.kwargs,
+        **case.options,
     )
     assert isinstance(res, ExactResult)
     ref = reference(case, grads=True)
     cancel = CANCEL * _magnitude(case)
     for name in ("out", "lse", "weights", "dq", "dk", "dv"):
         assert_correctly_rounded(getattr(res, name), ref[name], cancel, name)
-    if "bias" in case.kwargs:
+    if "bias" in case.options:
         assert_correctly_rounded(res.dbias, ref["dbias"], cancel, "dbias")
     else:
         assert res.dbias is None
@@ -291,7 +200,7 @@ def test_matches_scalar_mpmath_reference(case: Case) -> None:
 def test_large_logits_match_reference(case: Case) -> None:
     # Logits in the hundreds are where float64 implementations fail; mpmath's exponent
     # is unbounded, so exact_attention needs no shift by the row maximum.
-    res = exact_attention(case.q, case.k, case.v, return_lse=True, **case.kwargs)
+    res = exact_attention(case.q, case.k, case.v, return_lse=True, **case.options)
     ref = reference(case, grads=False)
     cancel = CANCEL * _magnitude(case)
     assert_correctly_rounded(res.out, ref["out"], cancel, "out")
@@ -360,7 +269,7 @@ def test_semantics_match_refattn_backward(case: Case) -> None:
     # largest entries times n^3, n the sum of the sizes), each off by at most 8u of
     # itself, so it is within 100 * 8u * M of exact: a bound of order 1e-7 here, far
     # below the O(1) gradients a convention mismatch would change.
-    kw = dict(case.kwargs)
+    kw = dict(case.options)
     kw.pop("softcap", None)  # not an option of attention_backward
     res = exact_attention(case.q, case.k, case.v, grad_out=case.dout, **kw)
     grads = refattn.attention_backward(case.dout, case.q, case.k, case.v, **kw)

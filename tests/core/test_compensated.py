@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 import refattn
 from refattn._agnostic import _accurate as acc
 from refattn.testing import exact_attention
-from tests.test_exact import Case, exact_cases
+from tests.helpers.cases import Case, exact_cases
 
 mpmath = pytest.importorskip("mpmath")
 
@@ -189,7 +189,7 @@ def _on(backend: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def _run(backend: Any, case: Case, **options: Any) -> Any:
-    kw = _on(backend, case.kwargs)
+    kw = _on(backend, case.options)
     kw.pop("softcap", None)
     return refattn.attention(
         backend.asarray(case.q), backend.asarray(case.k), backend.asarray(case.v), **kw, **options
@@ -198,7 +198,7 @@ def _run(backend: Any, case: Case, **options: Any) -> Any:
 
 def _vmax(case: Case) -> float:
     # Outputs are convex combinations of V rows, times 1/(1 - p) under dropout.
-    p = case.kwargs.get("dropout_p", 0.0)
+    p = case.options.get("dropout_p", 0.0)
     return float(np.max(np.abs(case.v), initial=0.0)) / (1.0 - p if p < 1 else 1.0)
 
 
@@ -222,7 +222,7 @@ def test_compensated_within_its_bound(backend: Any, data: st.DataObject, logit: 
 
 
 def _check_forward(backend: Any, case: Case) -> None:
-    kw = case.kwargs
+    kw = case.options
     kw.pop("softcap", None)
     res = _run(backend, case, precision="compensated", return_lse=True, return_weights=True)
     want = exact_attention(case.q, case.k, case.v, return_lse=True, return_weights=True, **kw)
@@ -272,8 +272,8 @@ def _logit_bound(case: Case) -> float:
     # A >= |scale| sum_e |q_ie||k_je| + |bias_ij| for every (i, j): Cauchy-Schwarz on the
     # largest row norms, plus the largest finite bias.
     norms = [float(np.max(np.linalg.norm(x, axis=-1), initial=0.0)) for x in (case.q, case.k)]
-    A = abs(case.scale) * norms[0] * norms[1]
-    bias = case.kwargs.get("bias")
+    A = abs(case.scale_value) * norms[0] * norms[1]
+    bias = case.options.get("bias")
     if bias is not None:
         A += float(np.max(np.abs(bias[np.isfinite(bias)]), initial=0.0))
     return A
@@ -282,9 +282,9 @@ def _logit_bound(case: Case) -> float:
 @given(data=st.data(), logit=logits)
 def test_standard_within_its_bound(backend: Any, data: st.DataObject, logit: float) -> None:
     case = data.draw(exact_cases(logit=logit))
-    case.kwargs.pop("softcap", None)
+    case.options.pop("softcap", None)
     out = backend.to_numpy(_run(backend, case))
-    want = exact_attention(case.q, case.k, case.v, **case.kwargs)
+    want = exact_attention(case.q, case.k, case.v, **case.options)
     assert np.array_equal(np.isnan(out), np.isnan(want))
     ok = ~np.isnan(want)
     assert np.max(np.abs(out[ok] - want[ok]), initial=0.0) <= _standard_bound(case)
@@ -328,7 +328,7 @@ def test_compensated_backward_within_its_bound(
 
 
 def _check_backward(backend: Any, case: Case) -> None:
-    kw = case.kwargs
+    kw = case.options
     kw.pop("softcap", None)
     got = refattn.attention_backward(
         backend.asarray(case.dout), backend.asarray(case.q), backend.asarray(case.k),
@@ -339,7 +339,7 @@ def _check_backward(backend: Any, case: Case) -> None:
            (("q", case.q), ("k", case.k), ("v", case.v))}
     g = 2.0**-61 * float(np.max(np.sum(np.abs(case.dout), axis=-1), initial=0.0)) * _vmax(case)
     rows = case.dout.size // max(case.dout.shape[-1], 1)
-    scale = abs(case.scale)
+    scale = abs(case.scale_value)
     bounds = {
         "dq": scale * big["k"] * g,
         "dk": scale * big["q"] * rows * g,

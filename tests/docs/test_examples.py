@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # Pages whose python blocks are complete programs. A page joins this list when its
 # examples are written to run as they stand.
 PAGES = ["README.md", "docs/index.rst", "docs/checking.rst", "docs/accuracy.rst",

@@ -24,8 +24,8 @@ from hypothesis import strategies as st
 
 import refattn
 from refattn import mods
-
-from ._variants import (
+from tests.helpers.cases import Case
+from tests.helpers.variants import (
     U64,
     alibi_bias,
     assert_within,
@@ -38,20 +38,12 @@ from ._variants import (
 
 
 @dataclass
-class Problem:
-    batch: tuple[int, ...]
-    H: int
-    L: int
-    S: int
-    q: np.ndarray
-    k: np.ndarray
-    v: np.ndarray
-    dout: np.ndarray
-    rng: np.random.Generator
+class Problem(Case):
+    """A case at the default scale 1/sqrt(E), with a gradient of the output."""
 
     @property
     def scale(self) -> float:
-        return 1.0 / math.sqrt(self.q.shape[-1])
+        return self.scale_value
 
     @property
     def nbatch(self) -> int:
@@ -71,7 +63,7 @@ def problems(draw: st.DrawFn, *, square: bool = False, batch: bool = True) -> Pr
     k = rng.standard_normal((*batch_shape, K, S, E))
     v = rng.standard_normal((*batch_shape, K, S, Ev))
     dout = rng.standard_normal((*batch_shape, H, L, Ev))
-    return Problem(batch_shape, H, L, S, q, k, v, dout, rng)
+    return Problem(q, k, v, dout=dout, rng=rng)
 
 
 def grids(xp: Any, batch: tuple[int, ...], H: int, L: int, S: int) -> tuple[Any, ...]:

@@ -4,7 +4,7 @@ The reference is the definition: run ``refattn.attention`` on every sequence apa
 (with the core's own causal / window / alignment / softcap / ALiBi options) and
 concatenate. A second reference is the packed problem with an explicit block-diagonal
 mask and ALiBi bias built here entry by entry. Tolerances are the derived rounding
-bounds of tests/_variants.py, taken over the packed problem (its longer rows only add
+bounds of tests/helpers/variants.py, taken over the packed problem (its longer rows only add
 terms to the bounds, so they cover the per-sequence computations too).
 """
 
@@ -20,8 +20,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import refattn
-
-from ._variants import (
+from tests.helpers.cases import divisors
+from tests.helpers.variants import (
     U64,
     alibi_bias,
     assert_within,
@@ -98,7 +98,7 @@ def cases(draw: st.DrawFn, *, policies: tuple[str, ...] = ("zero", "nan")) -> Ca
         st.lists(st.integers(0, 5), min_size=B, max_size=B))
     K = draw(st.sampled_from([1, 2]))
     H = K * draw(st.sampled_from([1, 2]))
-    Kv = draw(st.sampled_from([d for d in (1, 2, 4) if H % d == 0]))
+    Kv = draw(st.sampled_from(divisors(H)))
     E, Ev = draw(st.integers(1, 4)), draw(st.integers(1, 3))
     window = draw(st.one_of(st.none(), st.tuples(SIDES, SIDES)))
     slopes_kind = draw(st.sampled_from([None, "H", "BH"]))

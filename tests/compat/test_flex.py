@@ -10,7 +10,7 @@ Every mod below is written once, with array-API calls on the namespace of its ar
 and handed unchanged to torch (which calls it under vmap on 0-d tensors) and to refattn
 (which calls it once on broadcast index grids of the backend's arrays). Arrays a mod
 captures are made in the library of the call by ``Mods``. Tolerances are the derived
-rounding bounds of tests/_variants.py.
+rounding bounds of tests/helpers/variants.py.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from refattn.compat.flex import AuxOutput, BlockMask, create_block_mask, flex_attention
-
-from ._variants import assert_within, forward_bound, lse_bound
+from tests.helpers.cases import Case
+from tests.helpers.variants import assert_within, forward_bound, lse_bound
 
 torch = pytest.importorskip("torch")
 flex_module = pytest.importorskip("torch.nn.attention.flex_attention")
@@ -116,11 +116,10 @@ class Mods:
                 "window": window, "documents": documents, "head_and_batch": head_and_batch}
 
 
-@dataclass
-class Case:
-    q: np.ndarray  # (B, H, L, E)
-    k: np.ndarray  # (Bkv, K, S, E)
-    v: np.ndarray
+@dataclass(kw_only=True)
+class FlexCase(Case):
+    """A case (q (B, H, L, E), k and v (Bkv, K, S, E)) with a named score_mod and mask_mod."""
+
     score_mod: str
     mask_mod: str
     scale: float | None
@@ -139,7 +138,7 @@ class Case:
 
 
 @st.composite
-def cases(draw: st.DrawFn) -> Case:
+def cases(draw: st.DrawFn) -> FlexCase:
     B, L, S = draw(st.integers(1, 2)), draw(st.integers(1, 5)), draw(st.integers(1, 6))
     K = draw(st.sampled_from([1, 2]))
     H = K * draw(st.sampled_from([1, 2]))
@@ -147,7 +146,7 @@ def cases(draw: st.DrawFn) -> Case:
     seed = draw(st.integers(0, 2**32 - 1))
     rng = np.random.default_rng(seed)
     Bkv = B if draw(st.booleans()) else 1
-    return Case(
+    return FlexCase(
         q=rng.standard_normal((B, H, L, E)), k=rng.standard_normal((Bkv, K, S, E)),
         v=rng.standard_normal((Bkv, K, S, Ev)),
         score_mod=draw(st.sampled_from(["none", "relative", "alibi", "softcap", "dead_row"])),
@@ -157,7 +156,7 @@ def cases(draw: st.DrawFn) -> Case:
         scale=draw(st.sampled_from([None, None, 0.4, -1.0])), seed=seed)
 
 
-def torch_flex(flex: Any, case: Case, **kw: Any) -> tuple[np.ndarray, np.ndarray]:
+def torch_flex(flex: Any, case: FlexCase, **kw: Any) -> tuple[np.ndarray, np.ndarray]:
     score_mod, mask_mod, _ = case.mods(torch.from_numpy)
     B, H, L, _ = case.q.shape
     block_mask = None if mask_mod is None else flex_module.create_block_mask(
@@ -169,7 +168,7 @@ def torch_flex(flex: Any, case: Case, **kw: Any) -> tuple[np.ndarray, np.ndarray
     return out.numpy(), aux.lse.numpy()
 
 
-def bounds(case: Case, extra: float, lse: np.ndarray) -> tuple[float, np.ndarray]:
+def bounds(case: FlexCase, extra: float, lse: np.ndarray) -> tuple[float, np.ndarray]:
     q, k, v = case.q, case.k, case.v
     return (forward_bound(q, k, v, scale=case.scale_value, logit_extra=extra),
             lse_bound(q, k, scale=case.scale_value, logit_extra=extra, lse=lse))
@@ -196,7 +195,7 @@ def test_matches_torch_flex_attention(backend, direct_flex, data):
 
 def test_fully_masked_rows_give_zero_and_minus_infinite_lse(direct_flex):
     rng = np.random.default_rng(0)
-    case = Case(q=rng.standard_normal((2, 2, 4, 3)), k=rng.standard_normal((2, 2, 5, 3)),
+    case = FlexCase(q=rng.standard_normal((2, 2, 4, 3)), k=rng.standard_normal((2, 2, 5, 3)),
                 v=rng.standard_normal((2, 2, 5, 3)), score_mod="dead_row",
                 mask_mod="head_and_batch", scale=None, seed=0)
     want_out, want_lse = torch_flex(direct_flex, case)
@@ -219,7 +218,7 @@ def test_uncompiled_torch_default_path_agrees(direct_flex):
     # The default uncompiled path (dynamo with the "eager" backend) computes what the
     # direct call computes: one case, since its tracing costs seconds.
     rng = np.random.default_rng(1)
-    case = Case(q=rng.standard_normal((1, 2, 3, 4)), k=rng.standard_normal((1, 1, 4, 4)),
+    case = FlexCase(q=rng.standard_normal((1, 2, 3, 4)), k=rng.standard_normal((1, 1, 4, 4)),
                 v=rng.standard_normal((1, 1, 4, 2)), score_mod="alibi", mask_mod="causal",
                 scale=None, seed=1)
     want = torch_flex(direct_flex, case)
@@ -258,7 +257,8 @@ def test_aux_request_and_kernel_options(direct_flex):
                               kernel_options={"BLOCK_M": 16})
     assert isinstance(aux, AuxOutput) and aux.max_scores is None
     want_out, want_aux = direct_flex(q, k, v, return_aux=flex_module.AuxRequest(lse=True))
-    case = Case(q.numpy(), k.numpy(), v.numpy(), "none", "none", None, 3)
+    case = FlexCase(q=q.numpy(), k=k.numpy(), v=v.numpy(), score_mod="none", mask_mod="none",
+                    scale=None, seed=3)
     out_tol, lse_tol = bounds(case, 0.0, want_aux.lse.numpy())
     assert_within(out.numpy(), want_out.numpy(), out_tol, "out")
     assert_within(aux.lse.numpy(), want_aux.lse.numpy(), lse_tol, "lse")

@@ -29,6 +29,7 @@ from refattn._agnostic._blocked import (
 from refattn._agnostic._direct import direct_attention
 from refattn._agnostic._masks import index_grids
 from refattn._agnostic._scores import ScoreMods
+from tests.helpers.cases import Case, divisors
 
 U64 = float(np.finfo(np.float64).eps) / 2
 ETA64 = float(np.finfo(np.float64).smallest_subnormal)
@@ -63,12 +64,10 @@ class Cube:
         return s + 0.01 * s**3
 
 
-@dataclass
-class ModProblem:
-    q: np.ndarray
-    k: np.ndarray
-    v: np.ndarray
-    dout: np.ndarray
+@dataclass(kw_only=True)
+class ModProblem(Case):
+    """A case with softcap and a score_mod on the blocked path, and its block sizes."""
+
     scale: float
     bias: np.ndarray | None
     mask: np.ndarray | None
@@ -83,14 +82,6 @@ class ModProblem:
     def batch(self):
         return np.broadcast_shapes(self.q.shape[:-3], self.k.shape[:-3])
 
-    @property
-    def S(self):
-        return self.k.shape[-2]
-
-    @property
-    def L(self):
-        return self.q.shape[-2]
-
     def allowed(self):
         allowed = self.mask
         if self.causal:
@@ -104,7 +95,7 @@ class ModProblem:
 def mod_problems(draw):
     batch = draw(st.sampled_from([(), (2,), (2, 1)]))
     H = draw(st.sampled_from([1, 2, 4]))
-    K = draw(st.sampled_from([d for d in (1, 2, 4) if H % d == 0]))
+    K = draw(st.sampled_from(divisors(H)))
     L, S = draw(st.integers(1, 8)), draw(st.integers(1, 9))
     E, Ev = draw(st.integers(1, 4)), draw(st.integers(1, 3))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))

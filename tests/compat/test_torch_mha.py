@@ -21,7 +21,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import refattn
-from tests._cases import assert_close_within
+from tests.helpers.cases import assert_close_within
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional

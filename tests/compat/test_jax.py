@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
@@ -20,8 +20,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from refattn.compat.jax import FILL, dot_product_attention
-
-from ._variants import assert_within, forward_bound, lse_bound
+from tests.helpers.cases import Case
+from tests.helpers.variants import assert_within, forward_bound, lse_bound
 
 jax = pytest.importorskip("jax")
 jnp = pytest.importorskip("jax.numpy")
@@ -30,11 +30,12 @@ U32 = float(np.finfo(np.float32).eps) / 2
 U64 = float(np.finfo(np.float64).eps) / 2
 
 
-@dataclass
-class Case:
-    q: np.ndarray  # (B, T, N, H)
-    k: np.ndarray  # (B, S, K, H)
-    v: np.ndarray
+@dataclass(kw_only=True)
+class JaxCase(Case):
+    """A case in JAX's layout, q (B, T, N, H) and k, v (B, S, K, H), with JAX's options."""
+
+    layout: ClassVar[str] = "BLHD"
+
     bias: np.ndarray | None
     mask: np.ndarray | None
     is_causal: bool
@@ -43,7 +44,7 @@ class Case:
     kv_lens: np.ndarray | None
     scale: float | None
 
-    def options(self, convert: Any) -> dict[str, Any]:
+    def jax_options(self, convert: Any) -> dict[str, Any]:
         def c(x: np.ndarray | None) -> Any:
             return None if x is None else convert(x)
         return dict(bias=c(self.bias), mask=c(self.mask), is_causal=self.is_causal,
@@ -58,7 +59,7 @@ def broadcast_shape(draw: st.DrawFn, full: tuple[int, ...]) -> tuple[int, ...]:
 
 
 @st.composite
-def cases(draw: st.DrawFn, dtype: Any) -> Case:
+def cases(draw: st.DrawFn, dtype: Any) -> JaxCase:
     # Few distinct sizes: each new shape costs JAX a compilation (~0.3 s).
     B, T, S = draw(st.integers(1, 2)), draw(st.sampled_from([1, 3, 4])), draw(
         st.sampled_from([1, 2, 5]))
@@ -82,7 +83,7 @@ def cases(draw: st.DrawFn, dtype: Any) -> Case:
         q_lens = rng.integers(0, T + 2, B).astype(np.int32)
     if draw(st.booleans()):
         kv_lens = rng.integers(0, S + 2, B).astype(np.int32)
-    return Case(q=q, k=k, v=v, bias=bias, mask=mask, is_causal=draw(st.booleans()),
+    return JaxCase(q=q, k=k, v=v, bias=bias, mask=mask, is_causal=draw(st.booleans()),
                 window=window, q_lens=q_lens, kv_lens=kv_lens,
                 scale=draw(st.sampled_from([None, None, 0.5, -1.2])))
 
@@ -93,15 +94,15 @@ _jax_attention = jax.jit(jax.nn.dot_product_attention, static_argnames=(
     "scale", "is_causal", "local_window_size", "implementation", "return_residual"))
 
 
-def run_jax(case: Case, dtype: Any) -> tuple[np.ndarray, np.ndarray]:
+def run_jax(case: JaxCase, dtype: Any) -> tuple[np.ndarray, np.ndarray]:
     with jax.enable_x64(dtype == np.float64):
         out, res = _jax_attention(
             jnp.asarray(case.q), jnp.asarray(case.k), jnp.asarray(case.v),
-            return_residual=True, **case.options(jnp.asarray))
+            return_residual=True, **case.jax_options(jnp.asarray))
         return np.asarray(out, dtype=np.float64), np.asarray(res, dtype=np.float64)
 
 
-def jax_bound(case: Case, dtype: Any) -> tuple[float, float]:
+def jax_bound(case: JaxCase, dtype: Any) -> tuple[float, float]:
     """Bounds on |JAX - refattn| for the output and the residual.
 
     With A the largest |logit| (|scale| max_i sum_e |q_ie| max|k| + max|bias|), JAX
@@ -132,7 +133,7 @@ def jax_bound(case: Case, dtype: Any) -> tuple[float, float]:
     return out, lse
 
 
-def check(case: Case, got_out: Any, got_res: Any, dtype: Any) -> None:
+def check(case: JaxCase, got_out: Any, got_res: Any, dtype: Any) -> None:
     want_out, want_res = run_jax(case, dtype)
     got_out = np.asarray(got_out, dtype=np.float64)
     got_res = np.asarray(got_res, dtype=np.float64)
@@ -154,7 +155,7 @@ def test_matches_jax(data):
     dtype = data.draw(st.sampled_from([np.float32, np.float64]))
     case = data.draw(cases(dtype))
     out, res = dot_product_attention(case.q, case.k, case.v, return_residual=True,
-                                     **case.options(np.asarray))
+                                     **case.jax_options(np.asarray))
     assert out.dtype == dtype and res.dtype == dtype
     check(case, out, res, dtype)
 
@@ -164,9 +165,9 @@ def test_every_backend_gives_the_numpy_result(backend, data):
     case = data.draw(cases(np.float64))
     out, res = dot_product_attention(
         *(backend.asarray(x) for x in (case.q, case.k, case.v)), return_residual=True,
-        **case.options(backend.asarray))
+        **case.jax_options(backend.asarray))
     want_out, want_res = dot_product_attention(case.q, case.k, case.v, return_residual=True,
-                                               **case.options(np.asarray))
+                                               **case.jax_options(np.asarray))
     # Two float64 evaluations of one attention (matmul orders may differ by library).
     scale = 1 / math.sqrt(case.q.shape[-1]) if case.scale is None else case.scale
     extra = 0.0 if case.bias is None else float(np.max(np.abs(case.bias)))
@@ -197,7 +198,8 @@ def test_jax_arrays_in_jax_arrays_out(x64):
         # NumPy path gives (both round the float64 result once).
         want = dot_product_attention(q, k, v, mask=mask)
         assert np.array_equal(np.asarray(out), want)
-        case = Case(q, k, v, None, mask, False, None, None, None, None)
+        case = JaxCase(q=q, k=k, v=v, bias=None, mask=mask, is_causal=False, window=None,
+                       q_lens=None, kv_lens=None, scale=None)
         check(case, np.asarray(out), np.asarray(res), dtype)
 
 
@@ -207,7 +209,8 @@ def test_fully_masked_rows_are_the_mean_of_the_values_in_both_dtypes(dtype):
     rng = np.random.default_rng(1)
     q, k, v = (rng.standard_normal((1, 2, 1, 4)).astype(dtype) for _ in range(3))
     mask = np.asarray([[True, False], [False, False]])[None, None]
-    case = Case(q, k, v, None, mask, False, None, None, None, None)
+    case = JaxCase(q=q, k=k, v=v, bias=None, mask=mask, is_causal=False, window=None,
+                   q_lens=None, kv_lens=None, scale=None)
     out, res = dot_product_attention(q, k, v, mask=mask, return_residual=True)
     # Uniform weights 1/2 in float32, rounded (u32), the product summed in dtype.
     assert np.allclose(out[0, 1, 0], v[0, :, 0].mean(axis=0), rtol=0,
@@ -221,7 +224,8 @@ def test_three_dimensional_inputs_and_symmetric_window():
     q, k, v = (rng.standard_normal((5, 2, 4)).astype(np.float32) for _ in range(3))
     out, res = dot_product_attention(q, k, v, local_window_size=1, return_residual=True)
     assert out.shape == (5, 2, 4) and res.shape == (5, 2)
-    case = Case(q[None], k[None], v[None], None, None, False, (1, 1), None, None, None)
+    case = JaxCase(q=q[None], k=k[None], v=v[None], bias=None, mask=None, is_causal=False,
+                   window=(1, 1), q_lens=None, kv_lens=None, scale=None)
     check(case, out[None], res[None], np.float32)
 
 

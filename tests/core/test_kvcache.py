@@ -22,8 +22,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import refattn
-
-from ._variants import assert_within, forward_bound, lse_bound
+from tests.helpers.cases import divisors
+from tests.helpers.variants import assert_within, forward_bound, lse_bound
 
 
 @dataclass
@@ -96,7 +96,7 @@ def cases(draw: st.DrawFn) -> Case:
     lens = lens * B if as_int else lens
     K = draw(st.sampled_from([1, 2]))
     H = K * draw(st.sampled_from([1, 2]))
-    Kv = draw(st.sampled_from([d for d in (1, 2, 4) if H % d == 0]))
+    Kv = draw(st.sampled_from(divisors(H)))
     E, Ev, Lq = draw(st.integers(1, 4)), draw(st.integers(1, 3)), draw(st.integers(1, 3))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     k_cache = rng.standard_normal((B, capacity, K, E))

@@ -16,14 +16,14 @@ Hand-worked examples pin the transcription where it departs from the docstring
 formula (the clamped right edge when L > S + 1). Varlen is checked against the loop
 over sequences of the same reference, the KV cache against the reference over each
 sequence's concatenated keys. Tolerances are the derived rounding bounds of
-tests/_variants.py.
+tests/helpers/variants.py.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
@@ -36,8 +36,8 @@ from refattn.compat.flash_attn import (
     flash_attn_varlen_func,
     flash_attn_with_kvcache,
 )
-
-from ._variants import U64, assert_within, forward_bound, lse_bound, weight_bound
+from tests.helpers.cases import Case
+from tests.helpers.variants import U64, assert_within, forward_bound, lse_bound, weight_bound
 
 # --- the reference -------------------------------------------------------------------------
 
@@ -106,11 +106,12 @@ def flash_reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, scale: float
 # --- cases ---------------------------------------------------------------------------------
 
 
-@dataclass
-class Case:
-    q: np.ndarray  # (B, L, H, E)
-    k: np.ndarray
-    v: np.ndarray
+@dataclass(kw_only=True)
+class FlashCase(Case):
+    """A case in flash-attn's layout, q (B, L, H, E), with flash-attn's options."""
+
+    layout: ClassVar[str] = "BLHD"
+
     causal: bool
     window_size: tuple[int, int]
     softcap: float
@@ -132,7 +133,7 @@ class Case:
 
 @st.composite
 def cases(draw: st.DrawFn, *, B: int | None = None, L: int | None = None,
-          S: int | None = None) -> Case:
+          S: int | None = None) -> FlashCase:
     B = draw(st.integers(1, 2)) if B is None else B
     L = draw(st.integers(0, 6)) if L is None else L
     S = draw(st.integers(0, 6)) if S is None else S
@@ -141,7 +142,7 @@ def cases(draw: st.DrawFn, *, B: int | None = None, L: int | None = None,
     E, Ev = draw(st.integers(1, 4)), draw(st.integers(1, 3))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     slopes_kind = draw(st.sampled_from([None, "H", "BH"]))
-    return Case(
+    return FlashCase(
         q=2 * rng.standard_normal((B, L, H, E)), k=2 * rng.standard_normal((B, S, K, E)),
         v=rng.standard_normal((B, S, K, Ev)), causal=draw(st.booleans()),
         window_size=(draw(st.integers(-1, 7)), draw(st.integers(-1, 7))),
@@ -152,7 +153,7 @@ def cases(draw: st.DrawFn, *, B: int | None = None, L: int | None = None,
     )
 
 
-def kwargs(case: Case, backend: Any) -> dict[str, Any]:
+def kwargs(case: FlashCase, backend: Any) -> dict[str, Any]:
     return dict(causal=case.causal, window_size=case.window_size, softcap=case.softcap,
                 softmax_scale=case.scale_option,
                 alibi_slopes=None if case.slopes is None else backend.asarray(case.slopes))
@@ -335,7 +336,7 @@ def test_bad_shapes(shapes, match):
 
 
 @st.composite
-def varlen_cases(draw: st.DrawFn) -> tuple[Case, list[int], list[int], int, int]:
+def varlen_cases(draw: st.DrawFn) -> tuple[FlashCase, list[int], list[int], int, int]:
     B = draw(st.integers(1, 3))
     lens_q = draw(st.lists(st.integers(0, 4), min_size=B, max_size=B))
     lens_k = draw(st.lists(st.integers(0, 5), min_size=B, max_size=B))
@@ -450,7 +451,7 @@ def test_varlen_bad_arguments(kw, exc, match):
 
 
 @st.composite
-def kvcache_cases(draw: st.DrawFn) -> tuple[Case, np.ndarray, np.ndarray, np.ndarray, int]:
+def kvcache_cases(draw: st.DrawFn) -> tuple[FlashCase, np.ndarray, np.ndarray, np.ndarray, int]:
     B = draw(st.integers(1, 3))
     L_new = draw(st.integers(0, 2))
     L = draw(st.integers(1, 3))

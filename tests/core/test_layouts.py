@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import refattn
-from tests._cases import assert_close_within, cases, output_bound
+from tests.helpers.cases import assert_close_within, cases, output_bound
 
 
 def _swap(x, xp):
@@ -33,7 +33,7 @@ def layout_cases(draw):
     if draw(st.booleans()):
         shape = draw(st.sampled_from([full, (case.L, case.S), (case.H, 1, case.S)]))
         # Sparse enough that some rows are fully masked, which exercises masked_rows.
-        opts["mask"] = case.mask(shape=shape, density=0.5, min_true_per_row=0)
+        opts["mask"] = case.random_mask(shape=shape, density=0.5, min_true_per_row=0)
     if draw(st.booleans()):
         opts["bias"] = case.rng.standard_normal(full)
     if draw(st.booleans()):

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import refattn
 from refattn._tolerance import rounding_bound
-from tests._cases import assert_close_within, cases
+from tests.helpers.cases import assert_close_within, cases
 
 U = float(np.finfo(np.float64).eps) / 2  # unit roundoff of float64
 

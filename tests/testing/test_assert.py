@@ -17,8 +17,7 @@ import refattn
 from refattn._tolerance import gradient_rounding_bound
 from refattn.testing import assert_attention_close, assert_close, decode_flash_dropout_mask
 from refattn.testing import strategies as ras
-
-from . import example_kernels as ek
+from tests.helpers import example_kernels as ek
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import refattn
-from tests._cases import assert_close_within, cases, output_bound
+from tests.helpers.cases import assert_close_within, cases, output_bound
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.torch
@@ -43,9 +43,9 @@ def sdpa_cases(draw):
     full = (*case.batch, case.H, case.L, case.S)
     shape = draw(st.sampled_from([full, (case.L, case.S), (*case.batch, 1, 1, case.S)]))
     if kind == "bool":
-        kwargs["attn_mask"] = case.mask(shape=shape)
+        kwargs["attn_mask"] = case.random_mask(shape=shape)
     elif kind == "bool-fully-masked":
-        kwargs["attn_mask"] = case.mask(shape=shape, density=0.3, min_true_per_row=0)
+        kwargs["attn_mask"] = case.random_mask(shape=shape, density=0.3, min_true_per_row=0)
     elif kind.startswith("float"):
         kwargs["attn_mask"] = (case.rng.standard_normal(shape) * 3).astype(kind)
     elif kind == "causal":

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import refattn
-from tests._cases import (
+from tests.helpers.cases import (
     assert_close_within,
     cases,
     output_bound,
@@ -22,7 +22,7 @@ def _np(backend, x):
 
 @given(case=cases(), policy=st.sampled_from(["zero", "nan", "uniform"]))
 def test_weight_rows_sum_to_one(backend, case, policy):
-    mask = case.mask(density=0.6, min_true_per_row=0)
+    mask = case.random_mask(density=0.6, min_true_per_row=0)
     res = refattn.attention(
         *(backend.asarray(x) for x in (case.q, case.k, case.v)), mask=backend.asarray(mask),
         masked_rows=policy, return_weights=True,
@@ -54,7 +54,7 @@ def test_adding_a_constant_to_a_row_changes_nothing(backend, case, shift):
 @given(case=cases())
 def test_permuting_keys_with_values_changes_nothing(backend, case):
     perm = case.rng.permutation(case.S)
-    mask = case.mask()
+    mask = case.random_mask()
     bias = case.rng.standard_normal((case.L, case.S))
     args = dict(mask=backend.asarray(mask), bias=backend.asarray(bias))
     base = _np(backend, refattn.attention(
@@ -71,7 +71,7 @@ def test_permuting_keys_with_values_changes_nothing(backend, case):
 
 @given(case=cases())
 def test_masked_keys_and_values_do_not_matter(backend, case):
-    mask = case.mask(density=0.5)
+    mask = case.random_mask(density=0.5)
     kmask = np.broadcast_to(mask.any(axis=(-2,)), (*case.batch, case.H, case.S))
     # A key position masked for every query of every head that reads it.
     dead = ~kmask.any(axis=tuple(range(kmask.ndim - 1)))
@@ -125,7 +125,7 @@ def test_causal_equals_the_explicit_triangular_mask(backend, case, alignment):
 
 @given(case=cases())
 def test_bool_mask_equals_float_mask_of_minus_infinity(backend, case):
-    mask = case.mask(min_true_per_row=0)
+    mask = case.random_mask(min_true_per_row=0)
     additive = np.where(mask, 0.0, -np.inf)
     q, k, v = (backend.asarray(x) for x in (case.q, case.k, case.v))
     as_bool = _np(backend, refattn.attention(q, k, v, mask=backend.asarray(mask)))
@@ -135,7 +135,7 @@ def test_bool_mask_equals_float_mask_of_minus_infinity(backend, case):
 
 @given(case=cases(gqa=False))
 def test_outputs_lie_in_the_convex_hull_of_the_values(backend, case):
-    mask = case.mask(min_true_per_row=0)
+    mask = case.random_mask(min_true_per_row=0)
     out = _np(backend, refattn.attention(
         *(backend.asarray(x) for x in (case.q, case.k, case.v)), mask=backend.asarray(mask)))
     v = case.v[..., None, :, :]  # (..., H, 1, S, Ev) against mask (..., H, L, S)

@@ -18,8 +18,8 @@ from refattn import _audit, _cli
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.torch
 
-ROOT = Path(__file__).resolve().parent.parent
-KERNELS = "tests.example_kernels"
+ROOT = Path(__file__).resolve().parents[2]
+KERNELS = "tests.helpers.example_kernels"
 
 
 def _run(argv, capsys):

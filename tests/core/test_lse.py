@@ -17,13 +17,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import refattn
+from tests.helpers.cases import divisors
 
 U64 = float(np.finfo(np.float64).eps) / 2  # unit roundoff of float64
 EPS64 = float(np.finfo(np.float64).eps)
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 @st.composite
@@ -31,7 +28,7 @@ def problems(draw: st.DrawFn, *, min_len: int = 0, amplitude: float = 2.0) -> di
     """Sizes, options and NumPy arrays of one attention problem (BHLD)."""
     batch = draw(st.sampled_from([(), (1,), (2,)]))
     H = draw(st.sampled_from([1, 2, 4]))
-    K = draw(st.sampled_from(_divisors(H)))
+    K = draw(st.sampled_from(divisors(H)))
     L = draw(st.integers(min_len, 4))
     S = draw(st.integers(min_len, 5))
     E = draw(st.integers(1, 6))
