@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .._agnostic._backward import sum_to_shape
+from .._arrays import sum_to_shape
 from .._front_door import AttentionGrads, attention, attention_backward
 from .._namespace import infer_namespace
 from .._validate import broadcast_shapes

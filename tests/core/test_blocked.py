@@ -22,20 +22,23 @@ from hypothesis import strategies as st
 
 import refattn
 from refattn import _front_door as attention_module
-from refattn._agnostic._backward import direct_backward, sum_to_shape
 from refattn._agnostic._blocked import (
     RESCALE_THRESHOLD,
     SCORE_BLOCK_ELEMENTS,
-    blocked_attention,
-    blocked_attention_backward,
     choose_blocks,
     key_spans,
     query_blocks,
 )
-from refattn._agnostic._direct import direct_attention
+from refattn._arrays import sum_to_shape
 from refattn._tolerance import rounding_bound
 from tests.helpers.cases import Case, divisors
 from tests.helpers.gradients import grad_bounds, np_sum_to
+from tests.helpers.paths import (
+    blocked_attention,
+    blocked_attention_backward,
+    direct_attention,
+    direct_backward,
+)
 
 U64 = float(np.finfo(np.float64).eps) / 2  # unit roundoff of float64
 

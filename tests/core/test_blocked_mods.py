@@ -20,16 +20,18 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import refattn
-from refattn._agnostic._backward import direct_backward
 from refattn._agnostic._blocked import (
     RESCALE_THRESHOLD,
-    blocked_attention,
-    blocked_attention_backward,
 )
-from refattn._agnostic._direct import direct_attention
 from refattn._agnostic._masks import index_grids
 from refattn._agnostic._scores import ScoreMods
 from tests.helpers.cases import Case, divisors
+from tests.helpers.paths import (
+    blocked_attention,
+    blocked_attention_backward,
+    direct_attention,
+    direct_backward,
+)
 
 U64 = float(np.finfo(np.float64).eps) / 2
 ETA64 = float(np.finfo(np.float64).smallest_subnormal)

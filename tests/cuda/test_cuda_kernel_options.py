@@ -19,7 +19,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from refattn._agnostic._backward import sum_to_shape
+from refattn._arrays import sum_to_shape
 from refattn._cuda import _launch, _modules, flash_attention, flash_attention_backward
 from refattn._cuda_shim import MAX_DYNAMIC_SMEM, ShimModule
 from tests.helpers.cases import divisors
