@@ -300,7 +300,8 @@ def _finish(inp: _Inputs, plan: _Plan, res: AttentionResult, it: _Item, run: _Ru
         safe_total = xp.where(masked, xp.asarray(1.0, dtype=dtype, device=device), total)
         lse = xp.where(masked, xp.asarray(-xp.inf, dtype=dtype, device=device),
                        xp.log(safe_total) + shift)
-    res.lse[it.region] = xp.reshape(lse, (g, bl))
+    res_lse: Array = res.lse  # allocated by blocked_attention
+    res_lse[it.region] = xp.reshape(lse, (g, bl))
     if it.drop_all:
         out = xp.zeros((R, Ev), dtype=dtype, device=device)
     else:
@@ -337,6 +338,7 @@ def _write_weights(
 ) -> None:
     """Weights exp(s - shift) / sum with the rows' final shifts and sums: the direct
     path's formula. The scores are recomputed (the weights need L x S memory anyway)."""
+    weights: Array = res.weights  # allocated by blocked_attention (return_weights)
     xp, rows, k, region = inp.xp, it.rows, it.k, it.region
     g, bl = rows.g, rows.bl
     folded = k.shape[-1] == plan.E + 1  # K has its column of ones
@@ -347,9 +349,9 @@ def _write_weights(
         if not folded:
             scores -= xp.reshape(shift, (rows.R, 1))
         w = xp.exp(scores) / xp.reshape(total, (rows.R, 1))
-        res.weights[(*region, slice(s0, s1))] = xp.reshape(w, (g, bl, s1 - s0))
+        weights[(*region, slice(s0, s1))] = xp.reshape(w, (g, bl, s1 - s0))
     if masked is not None and inp.masked_rows != "zero" and bool(xp.any(masked)):
-        row = res.weights[(*region, ...)]
+        row = weights[(*region, ...)]
         fill = xp.asarray(_fill_value(inp.masked_rows, plan.S), dtype=row.dtype,
                           device=row.device)
-        res.weights[(*region, ...)] = xp.where(xp.reshape(masked, (g, bl, 1)), fill, row)
+        weights[(*region, ...)] = xp.where(xp.reshape(masked, (g, bl, 1)), fill, row)
