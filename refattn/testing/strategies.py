@@ -63,7 +63,7 @@ class Shape(ProblemSizes):
     """Sizes of one attention problem in the shape legend.
 
     ``batch`` is a tuple of leading dims (possibly empty); K and Kv divide H. ``scores``
-    is (*batch, H, L, S); ``q``, ``k``, ``v`` and ``out`` are the arrays' shapes.
+    is ``(*batch, H, L, S)``; ``q``, ``k``, ``v`` and ``out`` are the arrays' shapes.
     """
 
     @property

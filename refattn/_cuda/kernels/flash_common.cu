@@ -95,10 +95,11 @@ struct FlashOperand {
     }
 };
 
-// Everything between q.k and the softmax, in DESIGN.md's order: scale, softcap, bias,
-// then the masks (the boolean mask and the positional window). Masks ADD -inf rather
-// than select it, so that a NaN or +inf score at a masked position still makes its row
-// NaN, exactly as on the array-API path (which adds where(allowed, 0, -inf)).
+// Everything between q.k and the softmax, in the documented order (docs/variants.rst):
+// scale, softcap, bias, then the masks (the boolean mask and the positional window).
+// Masks ADD -inf rather than select it, so that a NaN or +inf score at a masked position
+// still makes its row NaN, exactly as on the array-API path (which adds
+// where(allowed, 0, -inf)).
 template <typename T>
 struct FlashScore {
     T scale;
