@@ -9,7 +9,7 @@ implementation's arguments and which semantics the oracle takes.
 
 A disagreement is one of:
 
-* a precision failure: the error exceeds its budget (``refattn.testing._assert``:
+* a precision failure: the error exceeds its budget (``refattn.testing._budget``:
   the float64 rounding bound; for lower precisions the flash-attention rule, applied
   over the whole group: ``factor x`` the worst error of the plain baselines in the group
   plus the largest floor);

@@ -1,6 +1,6 @@
 """Judging: a target's error against its budget, and the verdict on each case.
 
-The budget of a tensor is ``refattn.testing._assert``'s: the float64 rounding bound;
+The budget of a tensor is ``refattn.testing._budget``'s: the float64 rounding bound;
 for lower precisions the flash-attention rule, applied over the whole group
 (:func:`apply_group_budget`). An error over ``SEMANTIC_RATIO`` budgets is no rounding
 and is named where a simple alternative explains it; a known deviation is recognised by
@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .. import _tolerance
-from ..testing._assert import compute_reference
 from ..testing._baseline import EPS, numpy_rounder
+from ..testing._budget import compute_reference
 from .cases import Case, grad_out
 from .conventions import host_namespace
 

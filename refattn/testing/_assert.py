@@ -10,6 +10,10 @@ refattn's float64 oracle on the same inputs:
   baseline is a plain implementation in the same precision (``_baseline``) and the
   floor is one unit roundoff of the largest value the tensor may hold (see
   ``assert_attention_close``).
+
+The oracle and the budgets are computed in ``_budget``; ``decode_flash_dropout_mask``
+lives in ``_flash_dropout``. Both are re-exported here, where they have always been
+imported from.
 """
 
 from __future__ import annotations
@@ -20,18 +24,19 @@ import numbers
 import os
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import array_api_compat
 import numpy as np
 
-from .. import _tolerance
-from .._arrays import swap_head_axis, to_numpy
-from .._front_door import attention, attention_backward
+from .._arrays import to_numpy
+from .._front_door import attention
 from .._namespace import library_name
-from ._baseline import EPS, SCALE_PLACEMENTS, dtype_name, low_precision_baseline
+from ._baseline import EPS, dtype_name
+from ._budget import _GRAD_NAMES, _float64_options, _Tensor, compute_reference
+from ._budget import Reference as Reference  # re-exported: it was defined here
+from ._flash_dropout import decode_flash_dropout_mask
 
 __all__ = ["assert_attention_close", "assert_close", "decode_flash_dropout_mask"]
 
@@ -39,9 +44,7 @@ __all__ = ["assert_attention_close", "assert_close", "decode_flash_dropout_mask"
 # float64 standard arithmetic returning the output alone.
 _NOT_OPTIONS = ("return_weights", "return_lse", "return_dropout_mask", "compute_dtype",
                 "precision", "output", "lse", "xp")
-_FLOAT_OPTIONS = ("bias", "alibi_slopes")
 _ARRAY_OPTIONS = ("mask", "bias", "dropout_mask", "alibi_slopes")
-_GRAD_NAMES = ("dq", "dk", "dv", "dbias")
 
 
 def _check_factor(name: str, value: Any) -> float:
@@ -80,142 +83,6 @@ def _float_name(name: str, x: Any) -> str:
             f"{name} must be float64, float32, float16 or bfloat16; got dtype {x.dtype}"
         )
     return kind
-
-
-def _blhd_to_bhld(x: np.ndarray, layout: str) -> np.ndarray:
-    return swap_head_axis(x, np) if layout == "BLHD" else x
-
-
-class _Tensor:
-    """One compared tensor: its name, values, oracle, budget and the verdict."""
-
-    def __init__(self, name: str, actual: Any, oracle: Any) -> None:
-        self.name = name
-        self.actual = to_numpy(actual, float64=True)
-        self.oracle = to_numpy(oracle, float64=True)
-        self.error = 0.0
-        self.index: tuple[int, ...] | None = None
-        self.budget = 0.0
-        self.how = ""
-        self.problem = ""
-
-    def measure(self) -> None:
-        a, o = self.actual, self.oracle
-        if a.shape != o.shape:
-            self.problem = f"shape {a.shape} but the oracle's is {o.shape}"
-            return
-        # NaN or inf must sit where the oracle has them: anything else is a semantic
-        # difference (a wrong masked-row value, an overflow), not a rounding error.
-        differ = (np.isnan(a) != np.isnan(o)) | ((np.isinf(a) | np.isinf(o)) & (a != o)
-                                                 & ~(np.isnan(a) & np.isnan(o)))
-        if differ.any():
-            where = tuple(int(i) for i in np.argwhere(differ)[0])
-            self.problem = (f"{int(differ.sum())} entries non-finite where the oracle is "
-                            f"not (or the reverse), first at {where}: actual {a[where]!r}, "
-                            f"oracle {o[where]!r}")
-            return
-        diff = np.where(np.isfinite(a) & np.isfinite(o), np.abs(a - o), 0.0)
-        if diff.size:
-            flat = int(np.argmax(diff))
-            self.index = tuple(int(i) for i in np.unravel_index(flat, diff.shape))
-            self.error = float(diff.reshape(-1)[flat])
-
-    @property
-    def ok(self) -> bool:
-        return not self.problem and self.error <= self.budget
-
-    def describe(self) -> str:
-        if self.problem:
-            return f"{self.name}: {self.problem}"
-        where = ""
-        if self.index is not None:
-            where = (f" at index {self.index} (actual {self.actual[self.index]:.6g}, oracle "
-                     f"{self.oracle[self.index]:.6g})")
-        verdict = "ok" if self.ok else "FAILS"
-        return (f"{self.name}: {verdict}: max |actual - oracle| = {self.error:.3e}{where}; "
-                f"budget {self.budget:.3e} = {self.how}")
-
-
-def _logit_extra(q: np.ndarray, k: np.ndarray, options: dict[str, Any], scale: float,
-                 run_oracle: Any) -> np.ndarray | None:
-    # The float64 bound's logit size A: |scale| sum |q||k| plus what is added to the
-    # scaled scores. A bias alone adds max|bias|. ALiBi, softcap and score_mod add
-    # terms of the size of the final scores themselves: read those off the oracle
-    # (s = lse + log w where w > 0; zero weights carry no error) and add the product
-    # term again, since final - product bounds everything added to it.
-    nonadditive = any(options.get(n) is not None for n in ("alibi_slopes", "softcap",
-                                                           "score_mod"))
-    bias = options.get("bias")
-    if not nonadditive:
-        return None if bias is None else to_numpy(bias, float64=True)
-    res = run_oracle(return_weights=True, return_lse=True)
-    w, lse = to_numpy(res.weights, float64=True), to_numpy(res.lse, float64=True)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        s = lse[..., None] + np.log(w)
-    s = np.where((w > 0) & np.isfinite(s), np.abs(s), 0.0)
-    qa = np.abs(np.where(np.isfinite(q), q, 0.0))
-    product = abs(scale) * float(np.max(qa.sum(axis=-1), initial=0.0)) * float(
-        np.max(np.abs(np.where(np.isfinite(k), k, 0.0)), initial=0.0))
-    extra = float(np.max(s, initial=0.0)) + product
-    if bias is not None:
-        finite = np.nan_to_num(to_numpy(bias, float64=True), posinf=0, neginf=0)
-        extra += float(np.max(np.abs(finite), initial=0.0))
-    return np.asarray([extra])
-
-
-def _finite_max(x: np.ndarray) -> float:
-    return float(np.max(np.abs(np.where(np.isfinite(x), x, 0.0)), initial=0.0))
-
-
-def _row_norm_max(x: np.ndarray) -> float:
-    x = np.where(np.isfinite(x), x, 0.0)
-    return float(np.max(np.sqrt(np.sum(x * x, axis=-1)), initial=0.0))
-
-
-def _gradient_term_sizes(host: dict[str, np.ndarray], grad_out: Any, options: dict[str, Any],
-                         opts64: dict[str, Any], f64: dict[str, Any], scale: float,
-                         keep_scale: float, xp: Any) -> dict[str, tuple[float, str]]:
-    """The size of the terms each gradient entry sums, for the floor of its budget.
-
-    Gradient entries are sums of terms that cancel, so the rounding of the terms, not
-    the size of the result, sets what any implementation in the dtype must lose. With
-    c = 1 / (1 - p), dS_ij = P_ij (dP_ij - D_i), |dP_ij| = c |dO_i . V_j| and |D_i| =
-    |dO_i . O_i| both at most c ||dO_i|| max_j ||V_j|| (Cauchy-Schwarz; O_i is a convex
-    combination of rows of V, rescaled), so |dS_ij| <= 2 c P_ij ||dO|| ||V||:
-
-    * dV_j = sum_i c keep_ij P_ij dO_i: its terms sum to sum_i c keep_ij P_ij |dO_i|,
-      which is exactly the oracle's dV for the gradient |dO| (linear, weights >= 0);
-    * dQ_i = scale sum_j dS_ij K_j: terms up to 2 c |scale| max|K| ||dO|| ||V|| (a row of
-      P sums to 1), times the rows summed into one broadcast query row;
-    * dK_j = scale sum_i dS_ij Q_i: the same with max|Q| and the column sum of P, which
-      is the oracle's dV for a gradient of ones without dropout;
-    * d bias: 2 c ||dO|| ||V|| times the score entries summed into one bias entry.
-    """
-    do = _blhd_to_bhld(to_numpy(grad_out, float64=True), options.get("layout", "BHLD"))
-    q, k, v = host["q"], host["k"], host["v"]
-    pair = 2.0 * keep_scale * _row_norm_max(do) * _row_norm_max(v)
-    go = xp.astype(grad_out, xp.float64)
-    dv_abs = attention_backward(xp.abs(go), f64["q"], f64["k"], f64["v"], **opts64).dv
-    plain = {n: val for n, val in opts64.items() if n not in ("dropout_p", "dropout_mask")}
-    colsum = attention_backward(xp.ones_like(go), f64["q"], f64["k"], f64["v"], **plain).dv
-    L = q.shape[-2]
-    rows = float(np.prod(np.broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3])))
-    rows *= (q.shape[-3] if q.ndim >= 3 else 1) * L
-    n_q = rows / float(np.prod(q.shape[:-1])) if L else 1.0
-    sizes = {
-        "dv": (_finite_max(to_numpy(dv_abs, float64=True)), "max_j sum_i c P_ij |dO_i|"),
-        "dq": (n_q * abs(scale) * _finite_max(k) * pair,
-               "2 c |scale| max|K| max||dO_i|| max||V_j||"),
-        "dk": (abs(scale) * _finite_max(q) * pair * _finite_max(to_numpy(colsum, float64=True)),
-               "2 c |scale| max|Q| max||dO_i|| max||V_j|| max_j sum_i P_ij"),
-    }
-    bias = options.get("bias")
-    if bias is not None:
-        S = k.shape[-2]
-        entries = float(np.prod(bias.shape))
-        n_b = rows * S / entries if entries else 0.0
-        sizes["dbias"] = (n_b * pair, "2 c max||dO_i|| max||V_j|| times the entries summed")
-    return sizes
 
 
 def _repro_dir() -> Path:
@@ -297,101 +164,6 @@ def _literal(value: Any) -> str:
     return repr(value)
 
 
-def _float64_options(options: dict[str, Any], xp: Any) -> dict[str, Any]:
-    opts = dict(options)
-    for name in _FLOAT_OPTIONS:
-        if opts.get(name) is not None:
-            opts[name] = xp.astype(opts[name], xp.float64)
-    return opts
-
-
-@dataclass
-class Reference:
-    """What a result of dtype ``kind`` is judged against, tensor by tensor.
-
-    ``oracle`` holds the float64 oracle's tensors on the host ("out", "dq", "dk", "dv",
-    "dbias"). For float64, ``bound`` holds the rounding bounds; for lower precisions,
-    ``baseline_error`` the largest error of the plain baselines against the oracle and
-    ``floor`` (with ``floor_how``) the floor of the budget.
-    """
-
-    kind: str
-    oracle: dict[str, Any]
-    bound: dict[str, float] = field(default_factory=dict)
-    baseline_error: dict[str, float] = field(default_factory=dict)
-    floor: dict[str, float] = field(default_factory=dict)
-    floor_how: dict[str, str] = field(default_factory=dict)
-
-    def budget(self, name: str, factor: float) -> tuple[float, str]:
-        """(budget, how it is made) of tensor ``name`` with this factor."""
-        if self.kind == "float64":
-            what = "gradient_rounding_bound" if name != "out" else "rounding_bound"
-            return self.bound[name], f"2 x the float64 rounding bound ({what})"
-        base, floor = self.baseline_error[name], self.floor[name]
-        return factor * base + floor, (
-            f"{factor:g} x baseline error {base:.3e} + floor {floor:.3e} ({self.floor_how[name]})")
-
-
-def compute_reference(q: Any, k: Any, v: Any, *, kind: str, options: dict[str, Any],
-                      grad_out: Any = None, round_to: Any = None, xp: Any) -> Reference:
-    """The oracle and the ingredients of the budgets for inputs q, k, v and ``options``.
-
-    ``round_to`` rounds float32 arrays of ``xp`` to the dtype ``kind`` (None: float32 or
-    float64, no rounding). ``options`` are ``refattn.attention``'s, a dropout given as a
-    ``dropout_mask``. The inputs may hold any float dtype; their values are used exactly.
-    """
-    layout = options.get("layout", "BHLD")
-    f64 = {name: xp.astype(x, xp.float64) for name, x in (("q", q), ("k", k), ("v", v))}
-    opts64 = _float64_options(options, xp)
-
-    def run_oracle(**extra: Any) -> Any:
-        return attention(f64["q"], f64["k"], f64["v"], **opts64, **extra)
-
-    oracle: dict[str, Any] = {"out": to_numpy(run_oracle(), float64=True)}
-    if grad_out is not None:
-        grads = attention_backward(xp.astype(grad_out, xp.float64), f64["q"], f64["k"],
-                                   f64["v"], **opts64)
-        oracle.update({n: None if g is None else to_numpy(g, float64=True)
-                       for n, g in zip(_GRAD_NAMES, grads, strict=True)})
-    ref = Reference(kind, oracle)
-    host = {name: _blhd_to_bhld(to_numpy(x, float64=True), layout) for name, x in
-            (("q", q), ("k", k), ("v", v))}
-    E = host["q"].shape[-1]
-    scale = options.get("scale")
-    scale = float(scale) if scale is not None else (1.0 / math.sqrt(E) if E else 1.0)
-    p = float(options.get("dropout_p", 0.0))
-    keep_scale = 1.0 / (1.0 - p) if p < 1 else 0.0
-    names = [n for n, value in oracle.items() if value is not None]
-    if kind == "float64":
-        extra = _logit_extra(host["q"], host["k"], options, scale, run_oracle)
-        ref.bound["out"] = _tolerance.rounding_bound(
-            host["q"], host["k"], host["v"], scale=scale, bias=extra, dropout_p=p)
-        if grad_out is not None:
-            bias = options.get("bias")
-            ref.bound.update(_tolerance.gradient_rounding_bound(
-                host["q"], host["k"], host["v"],
-                _blhd_to_bhld(to_numpy(grad_out, float64=True), layout),
-                scale=scale, bias=extra, dropout_p=p,
-                bias_shape=None if bias is None else tuple(bias.shape)))
-        return ref
-    u = EPS[kind] / 2
-    rounder = round_to if round_to is not None else (lambda x: x)
-    bases = [low_precision_baseline(q, k, v, round_to=rounder, options=options,
-                                    grad_out=grad_out, placement=placement, xp=xp)
-             for placement in SCALE_PLACEMENTS]
-    sizes = {"out": (_finite_max(host["v"]) * keep_scale, "max|V| / (1 - dropout_p)")}
-    if grad_out is not None:
-        sizes.update(_gradient_term_sizes(host, grad_out, options, opts64, f64, scale,
-                                          keep_scale, xp))
-    for name in names:
-        ref.baseline_error[name] = max(
-            _tolerance.max_abs_error(to_numpy(getattr(b, name), float64=True), oracle[name])
-            for b in bases)
-        size, what = sizes[name]
-        ref.floor[name] = u * size
-        ref.floor_how[name] = (f"u = eps/2 of {kind} times {what} = {size:.4g}, the size of "
-                               "the terms it sums")
-    return ref
 
 
 def assert_attention_close(
@@ -674,75 +446,3 @@ def assert_close(
                      f"{tuple(int(x) for x in i)}; greatest relative difference "
                      f"{float(rel[j]):.3e} at {tuple(int(x) for x in j)}")
     raise AssertionError("\n".join(lines))
-
-
-def decode_flash_dropout_mask(S_dmask: Any, seqlen_q: int | None = None,
-                              seqlen_k: int | None = None, *, xp: Any = None) -> Any:
-    """Turn flash-attn's ``S_dmask`` into refattn's dropout keep-mask (True = kept).
-
-    ``flash_attn_func(..., dropout_p=p, return_attn_probs=True)`` returns, as its last
-    value, ``S_dmask`` of shape (B, H, L_rounded, S_rounded): the probabilities of the
-    softmax with the dropout decision in the sign bit, negative where the weight was
-    dropped. (Its lengths are rounded up to the kernel's block size; flash-attn 2 stores
-    it in plain row-major order, earlier versions in the order of their MMA tiles,
-    which flash-attn's tests untangle with ``convert_flash_attn_S_to_softmax``.)
-    The keep-mask is therefore ``S_dmask >= 0``, cropped to (L, S), which is what
-    flash-attn's own tests use. Entries that the kernel masks (causal, window, padding)
-    hold zeros and decode as kept; as their weight is 0, keeping them changes nothing.
-    A weight that underflowed to zero and was dropped is stored as -0.0 and decodes as
-    kept for the same reason.
-
-    Parameters
-    ----------
-    S_dmask : array
-        (..., L_rounded, S_rounded) floating array from flash-attn.
-    seqlen_q, seqlen_k : int, optional
-        The true lengths L and S to crop to; None keeps that axis whole.
-    xp : namespace, optional
-        Array namespace of ``S_dmask``; inferred when None.
-
-    Returns
-    -------
-    array
-        Boolean keep-mask (..., L, S), True = kept, for ``refattn.attention``'s
-        ``dropout_mask`` (with ``layout``-independent (B, H, L, S) order).
-
-    Raises
-    ------
-    TypeError
-        A non-floating ``S_dmask`` or non-int lengths.
-    ValueError
-        Fewer than 2 dimensions, or lengths outside the array.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from refattn.testing import decode_flash_dropout_mask
-    >>> S_dmask = np.array([[[0.25, -0.5, 0.0], [-0.125, 0.75, 0.0]]])  # H=1, 2 x 3
-    >>> decode_flash_dropout_mask(S_dmask, seqlen_q=2, seqlen_k=2)
-    array([[[ True, False],
-            [False,  True]]])
-    """
-    if xp is None:
-        if not array_api_compat.is_array_api_obj(S_dmask):
-            raise TypeError(f"S_dmask must be an array; got {type(S_dmask).__name__}")
-        xp = array_api_compat.array_namespace(S_dmask)
-    if dtype_name(S_dmask) not in EPS:
-        raise TypeError(f"S_dmask must be a floating array (flash-attn's fp16/bf16); got "
-                        f"dtype {S_dmask.dtype}")
-    if S_dmask.ndim < 2:
-        raise ValueError(f"S_dmask must be (..., L_rounded, S_rounded); got shape "
-                         f"{tuple(S_dmask.shape)}")
-    index: list[Any] = [slice(None), slice(None)]
-    for axis, (name, n) in enumerate((("seqlen_q", seqlen_q), ("seqlen_k", seqlen_k))):
-        if n is None:
-            continue
-        if isinstance(n, bool) or not isinstance(n, numbers.Integral):
-            raise TypeError(f"{name} must be an int; got {n!r}")
-        size = S_dmask.shape[axis - 2]
-        if not 0 <= n <= size:
-            raise ValueError(f"{name} must lie in [0, {size}] (the rounded length of "
-                             f"S_dmask's axis {axis - 2}); got {n}")
-        index[axis] = slice(0, int(n))
-    keep = S_dmask >= 0
-    return keep[(..., *index)]
