@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from . import _threads, _validate
+from . import _threads
 from ._agnostic._accurate import compensated_attention, compensated_backward
 from ._agnostic._backward import direct_backward
 from ._agnostic._blocked import blocked_attention, blocked_attention_backward
@@ -21,7 +21,7 @@ from ._arrays import sum_to_shape
 from ._namespace import infer_namespace, library_name
 from ._problem import AttentionProblem, build_problem
 from ._results import AttentionGrads, AttentionResult
-from ._types import IMPLEMENTATIONS, PRECISIONS, Array
+from ._types import Array
 
 __all__ = ["DIRECT_MAX_SCORES", "AttentionGrads", "AttentionResult", "attention",
            "attention_backward", "kernels_take"]
@@ -461,8 +461,6 @@ def attention_backward(
     >>> bool(abs(fd - np.sum(g.dk * u)) < 1e-6)
     True
     """
-    _validate.check_choice("implementation", implementation, IMPLEMENTATIONS)
-    _validate.check_choice("precision", precision, PRECISIONS)
     problem = build_problem(
         q, k, v, mask=mask, bias=bias, causal=causal, window=window, alignment=alignment,
         scale=scale, softcap=softcap, alibi_slopes=alibi_slopes, score_mod=score_mod,

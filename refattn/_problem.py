@@ -104,11 +104,6 @@ class AttentionProblem:
     precision: str
     implementation: str | None
 
-    @property
-    def causal(self) -> bool:
-        """True when the window has a right edge (causal is the window (None, 0))."""
-        return self.window is not None and self.window.right is not None
-
     @functools.cached_property
     def combined_mask(self) -> Array | None:
         """The user's mask AND mask_mod evaluated on the whole grid (the direct path's,

@@ -136,5 +136,4 @@ class Window:
         """The (L, S) boolean array of the window, query i at key position i + shift."""
         q_pos = xp.reshape(xp.arange(L, device=device), (L, 1)) + shift
         kv_pos = xp.reshape(xp.arange(S, device=device), (1, S))
-        ok = self.allows(q_pos, kv_pos)
-        return xp.broadcast_to(ok, (L, S)) if tuple(ok.shape) != (L, S) else ok
+        return self.allows(q_pos, kv_pos)  # (L, 1) against (1, S): always (L, S)

@@ -15,10 +15,9 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from .._window import alignment_shift
 from ._scores import mod_for_grids
 
-__all__ = ["alibi_bias", "alignment_shift", "evaluate_mask_mod", "index_grids"]
+__all__ = ["alibi_bias", "evaluate_mask_mod", "index_grids"]
 
 
 def alibi_bias(slopes: Any, L: int, S: int, *, shift: int, xp: Any) -> Any:
