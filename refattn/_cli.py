@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from typing import Any, TextIO
@@ -42,16 +43,19 @@ def _parser() -> argparse.ArgumentParser:
                        help="argument conventions of a function TARGET (default: torch's "
                        "scaled_dot_product_attention)")
     check.add_argument("--library", choices=_LIBRARIES, default=None,
-                       help="array library handed to a function TARGET (default numpy; "
-                       "torch for TARGET torch)")
+                       help="array library handed to a function TARGET (default: inferred "
+                       "from the target, torch, jax or cupy when its code or module uses "
+                       "one of them, else numpy; torch for TARGET torch)")
     check.add_argument("--device", default=None,
                        help="device of those arrays, e.g. cuda:0 (default: the library's; "
-                       "TARGET torch: cuda when torch sees one, else cpu)")
+                       "TARGET torch: cuda when torch sees one, else cpu); a device this "
+                       "machine lacks ends the check before it starts, with status 2")
     check.add_argument("--examples", type=int, default=20, help="cases per feature group")
     check.add_argument("--seed", type=int, default=0, help="seed of the case generator")
-    check.add_argument("--dtype", default=_DEFAULT_DTYPES,
+    check.add_argument("--dtype", default=None,
                        help=f"comma-separated dtypes among {', '.join(_DTYPES)} "
-                       f"(default {_DEFAULT_DTYPES})")
+                       f"(default {_DEFAULT_DTYPES}); a dtype the arrays cannot hold here "
+                       "is skipped with a note")
     check.add_argument("--group", action="append", default=None,
                        help="only this feature group (repeatable)")
     check.add_argument("--grad", action="store_true",
@@ -69,6 +73,26 @@ def _fail(parser: argparse.ArgumentParser, message: str) -> int:
     parser.print_usage(sys.stderr)
     print(f"refattn: error: {message}", file=sys.stderr)
     return 2
+
+
+def _cannot_run(message: str) -> int:
+    # The arguments are well formed but the machine cannot do what they ask (no GPU, a
+    # library missing): one line, no usage, before anything runs.
+    print(f"refattn: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _cwd_on_path() -> None:
+    """Let a TARGET module in the working directory import, as under ``python -m``.
+
+    A console script's sys.path[0] is its bin directory, not the working directory that
+    ``python -m refattn`` (and pytest) put first. Inserted first as they do, so that the
+    user's module wins over an installed one of the same name, and only when no entry
+    already stands for the working directory.
+    """
+    cwd = os.path.realpath(os.getcwd())
+    if not any(os.path.realpath(entry or os.curdir) == cwd for entry in sys.path):
+        sys.path.insert(0, cwd)
 
 
 class _Progress:
@@ -109,20 +133,18 @@ class _Progress:
 def _check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from . import _audit
 
-    dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
+    asked_dtypes = args.dtype is not None
+    dtype_list = args.dtype if asked_dtypes else _DEFAULT_DTYPES
+    dtypes = [d.strip() for d in dtype_list.split(",") if d.strip()]
     bad = [d for d in dtypes if d not in _DTYPES]
     if bad or not dtypes:
-        return _fail(parser, f"--dtype must list some of {', '.join(_DTYPES)}; got {args.dtype!r}")
+        return _fail(parser, f"--dtype must list some of {', '.join(_DTYPES)}; got {dtype_list!r}")
     if args.examples < 1:
         return _fail(parser, f"--examples must be at least 1; got {args.examples}")
     torch_target = args.target == "torch"
     if torch_target and (args.convention != "torch" or args.library not in (None, "torch")):
         return _fail(parser, "TARGET torch is torch's SDPA: it takes no --convention or "
                      "--library other than torch")
-    library = args.library or ("torch" if torch_target else "numpy")
-    if args.grad and library not in ("torch", "jax"):
-        return _fail(parser, f"--grad differentiates through autograd: it needs --library "
-                     f"torch or jax; got {library}")
     convention = _audit.CONVENTIONS[args.convention]
     groups = args.group or list(convention.groups)
     unknown = [g for g in groups if g not in convention.groups]
@@ -130,19 +152,39 @@ def _check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         return _fail(parser, f"unknown --group {unknown[0]!r} for the {args.convention} "
                      "convention; choose from "
                      + ", ".join(repr(g) for g in convention.groups))
-    if "bfloat16" in dtypes and library == "numpy":
+    fn = None
+    if not torch_target:
+        _cwd_on_path()
         try:
-            import ml_dtypes  # noqa: F401
-        except ImportError:
-            return _fail(parser, "bfloat16 NumPy arrays need ml_dtypes: pip install ml_dtypes")
+            fn = _audit.load_target(args.target)
+        except ValueError as exc:
+            return _fail(parser, str(exc))
+    if args.library is not None or fn is None:
+        library, chosen, because = args.library or "torch", "", "asked with --library"
+        asked = "TARGET torch" if fn is None else f"--library {library}"
+    else:
+        library, why = _audit.infer_library(fn)
+        because = why if why.startswith("the default") else f"inferred because {why}"
+        chosen = f", {because}; --library to choose"
+        asked = f"{library} arrays ({because})"
+    if args.grad and library not in ("torch", "jax"):
+        return _fail(parser, f"--grad differentiates through autograd: it needs --library "
+                     f"torch or jax; got {library} ({because})")
+    lib = _audit.Library(library, args.device)
+    unusable = lib.cannot_run()
+    if unusable is not None:
+        return _cannot_run(f"--device {args.device}: {unusable}" if args.device
+                           else f"{asked}: {unusable}")
+    skipped = {d: reason for d in dtypes if (reason := lib.cannot_hold(d)) is not None}
+    if skipped and len(skipped) == len(dtypes) and asked_dtypes:
+        return _fail(parser, f"--dtype {dtype_list}: nothing here can run: "
+                     + "; ".join(f"{d}: {r}" for d, r in skipped.items()))
+    dtypes = [d for d in dtypes if d not in skipped]
     versions = {}
     try:
         if torch_target:
-            try:
-                import torch
-            except ImportError:
-                return _fail(parser, "the torch target needs PyTorch: pip install "
-                             "'refattn[torch]'")
+            import torch
+
             backends = _audit.torch_backends(args.device)
             versions["torch"] = torch.__version__
             what = f"torch {torch.__version__} SDPA on {backends[0].library.device}"
@@ -150,11 +192,13 @@ def _check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             backends = [_audit.user_backend(args.target, convention=args.convention,
                                             library=library, device=args.device)]
             what = (f"{args.target} ({args.convention} convention, {library} arrays"
-                    + (f" on {args.device}" if args.device else "") + ")")
+                    + (f" on {args.device}" if args.device else "") + chosen + ")")
     except (ValueError, ImportError) as exc:
         return _fail(parser, str(exc))
     print(f"refattn check: {what}; {args.examples} cases per group, seed {args.seed}"
           + (", with gradients" if args.grad else ""), flush=True)
+    for dtype_name, why in skipped.items():
+        print(f"refattn check: {dtype_name} skipped: {why}", flush=True)
     total = len(groups) * len(backends) * len(dtypes)
     progress = _Progress(total, sys.stderr)
     start = time.perf_counter()

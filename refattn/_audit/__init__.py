@@ -41,7 +41,15 @@ from .report import (
     report_json,
 )
 from .shrinking import shrink, snippet
-from .targets import Backend, Library, Ran, load_target, torch_backends, user_backend
+from .targets import (
+    Backend,
+    Library,
+    Ran,
+    infer_library,
+    load_target,
+    torch_backends,
+    user_backend,
+)
 
 __all__ = [
     "CONVENTIONS",
@@ -56,6 +64,7 @@ __all__ = [
     "Ran",
     "audit",
     "evaluate",
+    "infer_library",
     "load_target",
     "make_case",
     "plot",

@@ -3,13 +3,20 @@
 A :class:`Backend` is a named way of running an implementation on a case: torch's SDPA
 under one of its backends (:func:`torch_backends`) or a user's
 ``package.module:function`` (:func:`user_backend`), called in a convention on arrays of
-a :class:`Library` and taken back to the host as float64.
+a :class:`Library` and taken back to the host as float64. :func:`infer_library` guesses
+which library a user's function takes; :meth:`Library.cannot_run` and
+:meth:`Library.cannot_hold` say, before anything runs, what this machine cannot do.
 """
 
 from __future__ import annotations
 
+import dis
+import functools
 import importlib
-from collections.abc import Callable
+import inspect
+import sys
+import types
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +28,15 @@ from .cases import Case
 from .conventions import CONVENTIONS, Convention
 from .judging import matches_anded_causal, matches_zero_nan_rows
 
-__all__ = ["Backend", "Library", "Ran", "load_target", "torch_backends", "user_backend"]
+__all__ = ["Backend", "Library", "Ran", "infer_library", "load_target", "torch_backends",
+           "user_backend"]
+
+#: The array libraries a target can be handed, by the top-level package that defines
+#: them (jaxlib and cupyx are parts of JAX and CuPy).
+_LIBRARY_OF_PACKAGE = {"numpy": "numpy", "torch": "torch", "jax": "jax", "jaxlib": "jax",
+                       "cupy": "cupy", "cupyx": "cupy"}
+
+_CPU_INSTEAD = "check on the CPU with --library numpy or torch"
 
 
 @dataclass
@@ -48,6 +63,62 @@ class Library:
             return ml_dtypes.bfloat16
         return np.dtype(dtype_name)
 
+    def cannot_hold(self, dtype_name: str) -> str | None:
+        """Why arrays of this library cannot hold ``dtype_name`` here, or None if they can.
+
+        Examples
+        --------
+        >>> Library("cupy").cannot_hold("bfloat16")
+        'CuPy has no bfloat16 (--library torch or jax has it)'
+        >>> Library("numpy").cannot_hold("float32") is None
+        True
+        """
+        if dtype_name == "float64" and self.name == "jax":
+            import jax
+
+            # Without x64 JAX silently turns float64 arrays into float32 ones, which the
+            # float64 budget would report as gross disagreements.
+            if not jax.config.read("jax_enable_x64"):
+                return ("JAX makes float64 arrays float32 unless x64 is enabled "
+                        "(set JAX_ENABLE_X64=1)")
+            return None
+        if dtype_name != "bfloat16":
+            return None
+        if self.name == "cupy":
+            return "CuPy has no bfloat16 (--library torch or jax has it)"
+        if self.name == "numpy":
+            try:
+                import ml_dtypes  # noqa: F401
+            except ImportError:
+                return "NumPy has no bfloat16 without ml_dtypes (pip install ml_dtypes)"
+        return None
+
+    def cannot_run(self) -> str | None:
+        """Why this library's arrays cannot be put on ``device`` here, or None if they can.
+
+        The answer names what the machine has and what to do instead; it is asked before
+        any case runs, so that a missing GPU is one message rather than a failure per case.
+
+        Examples
+        --------
+        >>> Library("numpy").cannot_run() is None
+        True
+        >>> print(Library("numpy", "cuda").cannot_run())
+        NumPy arrays live on the host; choose --library torch, jax or cupy for a device, \
+or drop --device
+        """
+        device = self.device
+        if self.name == "numpy":
+            if device in (None, "cpu"):
+                return None
+            return ("NumPy arrays live on the host; choose --library torch, jax or cupy for "
+                    "a device, or drop --device")
+        if self.name == "torch":
+            return _torch_cannot_run(device)
+        if self.name == "jax":
+            return _jax_cannot_run(device)
+        return _cupy_cannot_run(device)
+
     def put(self, x: np.ndarray | None, dtype_name: str | None) -> Array:
         if x is None:
             return None
@@ -64,7 +135,7 @@ class Library:
         if self.name == "cupy":
             import cupy
 
-            with cupy.cuda.Device(int(str(self.device or "0").split(":")[-1])):
+            with cupy.cuda.Device(_cuda_index(self.device)):
                 return cupy.asarray(a)
         import jax
 
@@ -86,6 +157,87 @@ class Library:
         if self.name == "cupy":
             return ["import cupy", *imports], f"cupy.asarray({{x}}.astype({cast}))"
         return imports, f"{{x}}.astype({cast})"
+
+
+def _cuda_index(device: str | None) -> int:
+    # CuPy's device: None and "cuda" are device 0; "cuda:N" and "N" are device N.
+    text = "0" if device in (None, "cuda") else str(device).removeprefix("cuda:")
+    if not text.isdigit():
+        raise ValueError(f"expected cuda, cuda:N or N for CuPy arrays; got {device!r}")
+    return int(text)
+
+
+def _torch_cannot_run(device: str | None) -> str | None:
+    try:
+        import torch
+    except ImportError:
+        return "PyTorch is not installed: pip install 'refattn[torch]'"
+    if device is None:
+        return None
+    try:
+        where = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        return f"torch does not know that device ({exc}); expected e.g. cpu, cuda or cuda:0"
+    if where.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            return (f"torch {torch.__version__} sees no CUDA device "
+                    "(torch.cuda.is_available() is False); run on a machine with a GPU, "
+                    "or drop --device to check on the CPU")
+        if where.index is not None and where.index >= count:
+            return (f"torch sees {count} CUDA device{'s' if count > 1 else ''} "
+                    f"(cuda:0 to cuda:{count - 1}); choose one of those")
+        return None
+    try:
+        # Any other device type (mps, xpu, ...): the cheapest honest probe is a tensor.
+        torch.empty(0, device=where)
+    except (RuntimeError, AssertionError, ValueError) as exc:
+        return (f"torch {torch.__version__} cannot put a tensor there ({exc}); "
+                "drop --device to check on the CPU")
+    return None
+
+
+def _jax_cannot_run(device: str | None) -> str | None:
+    try:
+        import jax
+    except ImportError:
+        return "JAX is not installed: pip install jax"
+    if device is None:
+        return None
+    platform, _, index = device.partition(":")
+    try:
+        found = jax.devices(platform)
+    except RuntimeError as exc:
+        return (f"JAX {jax.__version__} has no {platform!r} platform here "
+                f"(jax.devices({platform!r}) raised: {exc}); run on a machine with one, "
+                "or drop --device to check on JAX's default device")
+    if not index.isdigit() and index:
+        return f"expected {platform} or {platform}:N, N a device number; got {device!r}"
+    if int(index or 0) >= len(found):
+        return (f"JAX sees {len(found)} {platform} device{'s' if len(found) > 1 else ''} "
+                f"({platform}:0 to {platform}:{len(found) - 1}); choose one of those")
+    return None
+
+
+def _cupy_cannot_run(device: str | None) -> str | None:
+    try:
+        import cupy
+    except ImportError:
+        return ("CuPy is not installed: pip install 'refattn[cuda12]' (or 'refattn[cuda13]', "
+                f"by your driver's CUDA version); without a GPU, {_CPU_INSTEAD}")
+    try:
+        index = _cuda_index(device)
+    except ValueError as exc:
+        return f"{exc}; {_CPU_INSTEAD}"
+    # CuPy imports without a GPU: only is_available() says whether one is there.
+    if not cupy.cuda.is_available():
+        return (f"CuPy {cupy.__version__} sees no CUDA device (cupy.cuda.is_available() is "
+                f"False); run on a machine with a GPU, or {_CPU_INSTEAD}")
+    count = cupy.cuda.runtime.getDeviceCount()
+    if index >= count:
+        return (f"CuPy sees {count} CUDA device{'s' if count > 1 else ''} "
+                f"(cuda:0 to cuda:{count - 1}); choose one of those")
+    return None
 
 
 @dataclass
@@ -263,6 +415,126 @@ def load_target(spec: str) -> Callable[..., Any]:
     if not callable(obj):
         raise ValueError(f"TARGET {spec!r} is not callable: {type(obj).__name__}")
     return obj
+
+
+def infer_library(target: Callable[..., Any]) -> tuple[str, str]:
+    """The array library a target most likely takes, and why: ``(library, reason)``.
+
+    Asked in turn, the first that names exactly one of torch, JAX and CuPy decides
+    (NumPy, the default, when none does):
+
+    1. where the target is defined (``torch.nn.functional``, a subclass of a torch class
+       such as ``torch.nn.Module``);
+    2. what the target's code uses: the globals its code names (modules, and functions
+       or classes defined in a library), the modules it imports inside its body, its
+       closure, and likewise the functions of its own module that it calls;
+    3. what the target's module imports.
+
+    Decorators (``functools.wraps``), ``functools.partial`` and bound methods are seen
+    through. A step that finds two of the libraries decides nothing further: NumPy, with
+    the reason saying why.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> infer_library(np.exp)
+    ('numpy', 'the target is a numpy.ufunc')
+    >>> def attend(q, k, v):          # torch is not imported to tell
+    ...     import torch
+    ...     return torch.softmax(q @ k.mT, dim=-1) @ v
+    >>> infer_library(attend)
+    ('torch', "the target's code uses torch")
+    """
+    fn = _unwrapped(target)
+    if not inspect.isfunction(fn) and not inspect.isbuiltin(fn) and callable(fn):
+        for cls in type(fn).__mro__:
+            library = _library_of(cls)
+            if library is not None:
+                return library, f"the target is a {cls.__module__}.{cls.__qualname__}"
+        fn = _unwrapped(type(fn).__call__)
+    module = getattr(fn, "__module__", None)
+    library = _library_of(fn)
+    if library is not None:
+        return library, f"the target is defined in {module}"
+    steps = [("the target's code uses", _libraries_used(fn, set()))]
+    namespace = getattr(sys.modules.get(module or ""), "__dict__", None)
+    if namespace is None:
+        namespace = getattr(fn, "__globals__", {})
+    steps.append(("the target's module imports",
+                  {lib for v in namespace.values() if (lib := _library_of(v)) is not None}))
+    for what, found in steps:
+        others = sorted(found - {"numpy"})
+        if len(others) == 1:
+            return others[0], f"{what} {others[0]}"
+        if others:
+            return "numpy", f"the default: {what} {' and '.join(others)}, not one of them"
+        if found:
+            return "numpy", f"{what} numpy"
+    return "numpy", "the default: nothing in the target names torch, jax or cupy"
+
+
+def _unwrapped(fn: Any) -> Any:
+    # The function behind decorators, partials and bound methods (bounded: a __wrapped__
+    # chain can loop).
+    for _ in range(32):
+        if isinstance(fn, functools.partial):
+            fn = fn.func
+        elif inspect.ismethod(fn):
+            fn = fn.__func__
+        elif getattr(fn, "__wrapped__", None) is not None:
+            fn = fn.__wrapped__
+        else:
+            break
+    return fn
+
+
+def _library_of(obj: Any) -> str | None:
+    # The array library a module, or anything defined in one, belongs to.
+    try:
+        name = obj.__name__ if isinstance(obj, types.ModuleType) else obj.__module__
+    except Exception:  # noqa: BLE001 - arbitrary user objects may raise in __getattr__
+        return None
+    if not isinstance(name, str):
+        return None
+    return _LIBRARY_OF_PACKAGE.get(name.partition(".")[0])
+
+
+def _codes(code: types.CodeType) -> Iterator[types.CodeType]:
+    # A code object and those nested in it (inner functions, lambdas, comprehensions).
+    yield code
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            yield from _codes(const)
+
+
+def _libraries_used(fn: Any, seen: set[int]) -> set[str]:
+    code = getattr(fn, "__code__", None)
+    if not isinstance(code, types.CodeType) or id(fn) in seen:
+        return set()
+    seen.add(id(fn))
+    namespace = getattr(fn, "__globals__", {})
+    values = []
+    for cell in getattr(fn, "__closure__", None) or ():
+        try:
+            values.append(cell.cell_contents)
+        except ValueError:  # a cell not yet filled
+            pass
+    found: set[str] = set()
+    for c in _codes(code):
+        values += [namespace[name] for name in c.co_names if name in namespace]
+        for ins in dis.get_instructions(c):
+            if ins.opname == "IMPORT_NAME":  # `import torch` inside the function
+                package = str(ins.argval).partition(".")[0]
+                if package in _LIBRARY_OF_PACKAGE:
+                    found.add(_LIBRARY_OF_PACKAGE[package])
+    for value in values:
+        library = _library_of(value)
+        if library is not None:
+            found.add(library)
+        elif inspect.isfunction(value) and value.__globals__ is namespace:
+            # A helper of the same module: what it uses, the target uses.
+            found |= _libraries_used(value, seen)
+    return found
 
 
 def user_backend(spec: str, *, convention: str = "torch", library: str = "numpy",

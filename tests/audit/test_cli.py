@@ -157,8 +157,10 @@ def test_flash_convention_passes_refattns_own_front_end_and_catches_top_left(cap
 
 
 def test_jax_convention_passes_refattns_own_front_end(capsys):
+    # NumPy arrays: the front end's float64 too (JAX arrays, inferred from its code, are
+    # float32 without x64; test_cli_start checks that inference).
     status, out, _ = _run(["check", "refattn.compat.jax:dot_product_attention",
-                           "--convention", "jax", "--examples", "3",
+                           "--convention", "jax", "--library", "numpy", "--examples", "3",
                            "--dtype", "float64,float32"], capsys)
     assert status == 0, out
     assert "fully masked rows" in out
