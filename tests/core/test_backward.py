@@ -12,10 +12,8 @@ lengths, magnitudes), derived in ``_grad_bounds`` and ``_fd_tolerance``.
 
 from __future__ import annotations
 
-import re
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -954,23 +952,3 @@ def test_sdpa_backward_errors(args, kwargs, error, match):
         dout = dout[..., :2, :]
     with pytest.raises(error, match=match):
         refattn.scaled_dot_product_attention_backward(dout, q, k, v, **kwargs)
-
-
-# --- the documentation's example ------------------------------------------------------------
-
-
-def test_docs_gradients_examples_run():
-    # docs/gradients.rst shows a user's backward checked against refattn; run every code
-    # block of that section, in order, so the page cannot drift from what works.
-    pytest.importorskip("torch")
-    text = (Path(__file__).resolve().parents[2] / "docs" / "gradients.rst").read_text()
-    marker = ".. _checking-a-backward:"
-    assert marker in text
-    blocks = re.findall(r"\.\. code-block:: python\n\n((?:    .*\n|\n)+)",
-                        text[text.index(marker):])
-    assert len(blocks) == 2
-    namespace: dict[str, Any] = {}
-    for i, block in enumerate(blocks):
-        code = "\n".join(line[4:] for line in block.splitlines())
-        exec(compile(code, f"docs/gradients.rst (block {i + 1})", "exec"), namespace)
-    assert "attention_backward" in blocks[0] and "check" in namespace
