@@ -219,3 +219,50 @@ def test_ctrl_c_stops_the_workers():
     # The interrupt came after the first block: the rest were never started.
     assert at_raise < blocks["n"] // 2
     assert _threads._slots_used == 0
+
+
+class _PerThreadBlas:
+    """A stand-in for threadpoolctl over a BLAS built on OpenMP, whose limit belongs to
+    each thread: records which thread entered and left a limit."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str]] = []
+        self.lock = threading.Lock()
+
+    def limit(self, *, limits, user_api):
+        assert (limits, user_api) == (1, "blas")
+        record = self._record
+
+        class Limit:
+            def __enter__(self):
+                record("enter")
+                return self
+
+            def __exit__(self, *exc):
+                record("exit")
+
+        return Limit()
+
+    def _record(self, what: str) -> None:
+        with self.lock:
+            self.events.append((threading.current_thread().name, what))
+
+
+def test_on_a_per_thread_blas_every_computing_thread_holds_its_own_limit(monkeypatch):
+    fake = _PerThreadBlas()
+    monkeypatch.setattr(_threads, "_controller", fake)
+    monkeypatch.setattr(_threads, "_blas_per_thread", True)
+    computing: set[str] = set()
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        computing.add(threading.current_thread().name)
+        return score
+
+    q, k, v = _inputs(5)
+    with refattn.set_num_threads(2):
+        _in_thread(lambda: _blocked(q, k, v, score_mod=score_mod))
+    entered = {name for name, what in fake.events if what == "enter"}
+    assert computing and computing <= entered
+    for name in entered:
+        mine = [what for n, what in fake.events if n == name]
+        assert mine == ["enter", "exit"], (name, mine)
