@@ -7,7 +7,24 @@ blocks keep every core busy. Two rules make that safe and reproducible:
   otherwise each worker's matmul would spawn more threads than there are cores;
 * the split of the work into blocks depends on the shapes only, never on the thread
   count, and every block is computed by one thread from start to end, so the results
-  are bit-identical whatever ``num_threads`` is.
+  are bit-identical whatever ``num_threads`` is, and whichever thread calls.
+
+Calls may come from any thread, several at once. Three more rules keep that safe:
+
+* compute slots: the process has as many slots as cores (or the thread setting, when it
+  is larger); a call holds one slot while it computes, waiting for it if every slot is
+  busy, and its worker threads take the free slots it can get without waiting. So eight
+  concurrent callers on two cores run two at a time instead of sixteen threads fighting
+  over two cores (and over the GIL between NumPy calls, which made rounds of concurrent
+  calls tens of times slower than the same calls in a row);
+* the BLAS limit is applied where the BLAS library reads it: once for the process
+  (reference-counted, restored when the last concurrent call leaves) for a library
+  whose thread count is one process-wide value (OpenBLAS on pthreads, MKL); in every
+  computing thread for one built on OpenMP, whose setting belongs to each thread (a
+  limit set by another thread would be ignored there). Either way the process's BLAS
+  settings are what they were once the call returns or raises;
+* an interrupt (``KeyboardInterrupt``) or an error stops the workers from taking more
+  work: they finish the block in hand and the call raises.
 
 The thread count is one process-wide setting, like ``torch.set_num_threads``, so that it
 reaches every front-end (``attention``, the compat modules) without a keyword on each.
@@ -19,8 +36,9 @@ order on the calling thread.
 from __future__ import annotations
 
 import os
+import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -30,11 +48,17 @@ import numpy as np
 __all__ = ["available_cores", "get_num_threads", "set_num_threads", "worker_threads"]
 
 _setting: int | None = None  # None: as many threads as this process may run on cores
+_slots_free = threading.Condition()
+_slots_used = 0
+# Per thread: whether it already holds a compute slot (a refattn worker, or a caller
+# inside a call: a nested call, e.g. from a score_mod, must not wait for a slot it holds).
+_local = threading.local()
 _blas_lock = threading.Lock()
 _blas_users = 0
 _blas_limiter: Any = None
-_controller: Any = None
+_controller: Any = None  # a ThreadpoolController; False without threadpoolctl
 _allocator_settled = False
+_blas_per_thread: bool | None = None  # None: not known yet (threadpoolctl not asked)
 
 
 def available_cores() -> int:
@@ -133,33 +157,151 @@ def _uses_workers(xp: Any) -> bool:
     )
 
 
-def _limit_blas() -> None:
-    global _blas_users, _blas_limiter, _controller
-    with _blas_lock:
-        _blas_users += 1
-        if _blas_users > 1:
-            return
+def _blas_controller() -> Any:
+    # None without threadpoolctl: the results are the same, the BLAS pool is just not
+    # held back (over-subscription costs speed only).
+    global _controller, _blas_per_thread
+    if _controller is False:
+        return None
+    if _controller is None:
         try:
             # Imported here: ``import refattn`` must not import more than numpy and
-            # array_api_compat. Without threadpoolctl the results are the same, the
-            # BLAS pool is just not held back (over-subscription costs speed only).
+            # array_api_compat.
             from threadpoolctl import ThreadpoolController
         except ImportError:
-            return
-        if _controller is None:
-            # Scanning the loaded libraries costs milliseconds; the libraries NumPy
-            # calls are loaded with NumPy, before refattn, so one scan is enough.
-            _controller = ThreadpoolController()
-        _blas_limiter = _controller.limit(limits=1, user_api="blas")
+            _controller = False
+            return None
+        # Scanning the loaded libraries costs milliseconds; the libraries NumPy calls are
+        # loaded with NumPy, before refattn, so one scan is enough.
+        controller = ThreadpoolController()
+        blas = controller.select(user_api="blas")
+        _blas_per_thread = any(info.get("threading_layer") == "openmp" for info in blas.info())
+        _controller = controller
+    return _controller
+
+
+class _BlasControlThread:
+    """The one thread that sets and restores a process-wide BLAS limit.
+
+    threadpoolctl lets only one thread at a time change a process-wide BLAS pool (the
+    first to set a limit, until its limit context is left); a limit set or restored from
+    any other thread is silently ignored. refattn's limit is shared by concurrent calls
+    from any threads: set when the first starts, restored when the last ends, which may
+    be another thread. Both go through this thread, which enters the limit context and
+    leaves it, so the limit holds and is restored whichever threads called, and control
+    is given back when it is restored.
+    """
+
+    def __init__(self) -> None:
+        self._requests: queue.SimpleQueue[tuple[Callable[[], None], threading.Event]] = (
+            queue.SimpleQueue())
+        self._thread = threading.Thread(target=self._serve, daemon=True,
+                                        name="refattn-blas-control")
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            action, done = self._requests.get()
+            try:
+                action()
+            finally:
+                done.set()
+
+    def run(self, action: Callable[[], None]) -> None:
+        done = threading.Event()
+        self._requests.put((action, done))
+        done.wait()
+
+
+_blas_control: _BlasControlThread | None = None
+
+
+def _limit_blas() -> None:
+    # The process-wide limit, shared by concurrent calls: set by the first, restored by
+    # the last (a limit restored by one call while another still runs would let that
+    # one's BLAS calls spawn threads again).
+    global _blas_users, _blas_control
+    controller = _blas_controller()
+    if controller is None or _blas_per_thread:
+        return
+    with _blas_lock:
+        _blas_users += 1
+        if _blas_users == 1:
+            if _blas_control is None:
+                _blas_control = _BlasControlThread()
+
+            def enter() -> None:
+                global _blas_limiter
+                _blas_limiter = controller.limit(limits=1, user_api="blas")
+                _blas_limiter.__enter__()
+
+            _blas_control.run(enter)
 
 
 def _release_blas() -> None:
-    global _blas_users, _blas_limiter
+    global _blas_users
+    if not _controller or _blas_per_thread:
+        return
     with _blas_lock:
         _blas_users -= 1
-        if _blas_users == 0 and _blas_limiter is not None:
-            _blas_limiter.restore_original_limits()
-            _blas_limiter = None
+        if _blas_users == 0 and _blas_limiter is not None and _blas_control is not None:
+
+            def leave() -> None:
+                global _blas_limiter
+                if _blas_limiter is not None:
+                    _blas_limiter.__exit__(None, None, None)
+                    _blas_limiter = None
+
+            _blas_control.run(leave)
+
+
+def limit_blas_in_this_thread() -> Any:
+    """Hold BLAS at one thread in the calling thread where the setting is per thread.
+
+    Returns the entered limit context, to be left with ``__exit__`` (None where nothing
+    was set: no threadpoolctl, or a BLAS whose setting is process-wide, which
+    ``worker_threads`` sets once). Called by
+    every thread that computes blocks: refattn's workers, and the caller itself.
+    """
+    controller = _blas_controller()
+    if controller is None or not _blas_per_thread:
+        return None
+    limiter = controller.limit(limits=1, user_api="blas")
+    limiter.__enter__()
+    return limiter
+
+
+def enter_worker() -> Any:
+    """Mark the calling thread as one of refattn's workers (it holds a slot) and hold its
+    BLAS at one thread; returns what ``limit_blas_in_this_thread`` returns."""
+    _local.holding = True
+    return limit_blas_in_this_thread()
+
+
+def _slot_capacity() -> int:
+    return max(available_cores(), get_num_threads())
+
+
+def _take_slots(wanted: int) -> int:
+    """Take one compute slot, waiting for it, and up to ``wanted - 1`` more that are free.
+
+    Returns the number taken (at least 1). The wait is interruptible (Ctrl-C reaches a
+    caller waiting here at once).
+    """
+    global _slots_used
+    with _slots_free:
+        while _slots_used >= _slot_capacity():
+            _slots_free.wait()
+        taken = min(max(wanted, 1), _slot_capacity() - _slots_used)
+        _slots_used += taken
+    return taken
+
+
+def _give_slots(count: int) -> None:
+    global _slots_used
+    with _slots_free:
+        _slots_used -= count
+        _slots_free.notify_all()
 
 
 def _settle_allocator() -> None:
@@ -183,18 +325,33 @@ def _settle_allocator() -> None:
 def worker_threads(xp: Any) -> Iterator[int]:
     """Yield the worker count for arrays of ``xp``, with BLAS at one thread meanwhile.
 
-    NumPy-backed namespaces get ``get_num_threads()`` workers and a one-thread BLAS
-    (also for one worker, so that every thread count runs the same BLAS code and gives
-    the same bits), and the allocator is settled (``_settle_allocator``); other
-    namespaces get 1 and are left alone. Concurrent callers share one limit, restored
-    when the last leaves.
+    NumPy-backed namespaces: the call takes compute slots (one, waiting for it, and up to
+    ``get_num_threads()`` without waiting; a thread that already holds one, a nested
+    call or a worker, takes none and gets 1 worker), BLAS is held at one thread (also for
+    one worker, so that every thread count runs the same BLAS code and gives the same
+    bits), and the allocator is settled (``_settle_allocator``). Other namespaces get 1
+    and are left alone. Everything is given back when the block is left, by a return or
+    an exception.
     """
     if not _uses_workers(xp):
         yield 1
         return
     _settle_allocator()
-    _limit_blas()
+    nested = getattr(_local, "holding", False)
+    taken = 0 if nested else _take_slots(get_num_threads())
+    _local.holding = True
     try:
-        yield get_num_threads()
+        _limit_blas()
+        try:
+            own = limit_blas_in_this_thread()
+            try:
+                yield max(taken, 1)
+            finally:
+                if own is not None:
+                    own.__exit__(None, None, None)
+        finally:
+            _release_blas()
     finally:
-        _release_blas()
+        _local.holding = nested
+        if taken:
+            _give_slots(taken)

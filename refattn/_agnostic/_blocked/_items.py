@@ -11,6 +11,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from ... import _threads
 from ..._types import Array, Namespace
 from ._plan import _Plan
 
@@ -116,7 +117,9 @@ def _run_items(
     Each thread takes the next item in list order (so an item never starts before the
     items before it, which ``_OrderedSum`` relies on). Plain threads pulling indices
     cost a tenth of a ThreadPoolExecutor's futures per item, which shows with many small
-    items. The first error stops the taking of new items and is raised at the end.
+    items. The first error stops the taking of new items and is raised at the end; so
+    does an interrupt of the caller (Ctrl-C) while it waits: the workers finish the item
+    in hand, take no other, and the interrupt is raised once they have stopped.
     """
     def run(i: int) -> None:
         try:
@@ -134,23 +137,38 @@ def _run_items(
     errors: list[BaseException] = []
 
     def worker() -> None:
-        while True:
-            with lock:
-                i = None if errors else next(indices, None)
-            if i is None:
-                return
-            try:
-                run(i)
-            except BaseException as error:  # noqa: BLE001 - re-raised in the caller
+        limiter = _threads.enter_worker()
+        try:
+            while True:
                 with lock:
-                    errors.append(error)
+                    i = None if errors else next(indices, None)
+                if i is None:
+                    return
+                try:
+                    run(i)
+                except BaseException as error:  # noqa: BLE001 - re-raised in the caller
+                    with lock:
+                        errors.append(error)
+        finally:
+            if limiter is not None:
+                limiter.__exit__(None, None, None)
 
-    threads = [threading.Thread(target=worker, daemon=True)
-               for _ in range(min(num_threads, len(items)))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    threads = [threading.Thread(target=worker, daemon=True, name=f"refattn-worker-{n}")
+               for n in range(min(num_threads, len(items)))]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    except BaseException as interrupt:
+        # Ctrl-C (or any exception raised into the waiting caller): no worker takes
+        # another item; wait for the items in hand, whose results are thrown away.
+        with lock:
+            errors.append(interrupt)
+        for thread in threads:
+            if thread.is_alive():
+                thread.join()
+        raise
     if errors:
         raise errors[0]
 
