@@ -136,7 +136,9 @@ def check_qkv(q: Any, k: Any, v: Any, *, layout: str = "BHLD") -> AttentionShape
         )
     H, K, Kv = _heads(q), _heads(k), _heads(v)
     for name, n in (("k", K), ("v", Kv)):
-        if n == 0 or H % n:
+        # No heads at all (H = K = Kv = 0) is an empty problem, as in torch; otherwise
+        # each key / value head serves H // n query heads.
+        if (n == 0 and H != 0) or (n != 0 and H % n):
             raise ValueError(
                 f"{name}'s head count must divide q's (grouped-query attention): q has "
                 f"H={H} heads, {name} has {n} (shapes q {_shown(q, layout)}, "

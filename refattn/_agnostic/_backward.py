@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from .._arrays import sum_to_shape
 from .._results import AttentionGrads
 from .._types import Array, Namespace
-from ._direct import apply_dropout, repeat_heads
+from ._direct import apply_dropout, group_size, repeat_heads, scaled_product
 from ._scores import final_scores, score_slopes
 from ._softmax import masked_softmax
 
@@ -36,7 +36,7 @@ def sum_groups(x: Array, heads: int, *, xp: Namespace) -> Array:
 
     The adjoint of ``repeat_heads``: key head k served query heads k*G .. k*G+G-1.
     """
-    groups = x.shape[-3] // heads
+    groups = group_size(x.shape[-3], heads)
     if groups == 1:
         return x
     *lead, _, s, d = x.shape
@@ -107,9 +107,9 @@ def direct_backward(problem: AttentionProblem, grad_out: Array, *, out: Array | 
     dtype, device = q.dtype, q.device
     zero = xp.asarray(0.0, dtype=dtype, device=device)
     H = q.shape[-3]
-    kr = repeat_heads(k, H // k.shape[-3], xp=xp)
-    vr = repeat_heads(v, H // v.shape[-3], xp=xp)
-    scaled = (q @ xp.matrix_transpose(kr)) * scale
+    kr = repeat_heads(k, group_size(H, k.shape[-3]), xp=xp)
+    vr = repeat_heads(v, group_size(H, v.shape[-3]), xp=xp)
+    scaled = scaled_product(q, kr, scale, xp=xp)
     # Built exactly as the forward builds them, so the weights recomputed here are the
     # forward's weights, NaN propagation included.
     scores = final_scores(scaled, bias=bias, allowed=problem.visible, mods=mods, xp=xp)
@@ -147,7 +147,9 @@ def direct_backward(problem: AttentionProblem, grad_out: Array, *, out: Array | 
         d_biased = xp.where(d_scores == 0, zero, d_scores * mod_slope)
         d_raw = d_biased * cap_slope
     dq = (d_raw @ kr) * scale
-    dk = sum_groups((xp.matrix_transpose(d_raw) @ q) * scale, k.shape[-3], xp=xp)
+    # scale dS^T Q as (dS^T) (scale Q), the forward's order (``scaled_product``), so
+    # that dK overflows no earlier than the scores do.
+    dk = sum_groups(xp.matrix_transpose(d_raw) @ (q * scale), k.shape[-3], xp=xp)
     dv = sum_groups(dv, v.shape[-3], xp=xp)
     return AttentionGrads(
         dq=sum_to_shape(dq, q.shape, xp=xp),

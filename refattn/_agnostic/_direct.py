@@ -17,7 +17,29 @@ from ._softmax import masked_softmax
 if TYPE_CHECKING:
     from .._problem import AttentionProblem
 
-__all__ = ["apply_dropout", "direct_attention", "repeat_heads"]
+__all__ = ["apply_dropout", "direct_attention", "group_size", "repeat_heads", "scaled_product"]
+
+
+def group_size(H: int, heads: int) -> int:
+    """The query heads each of ``heads`` key (or value) heads serves: ``H // heads``.
+
+    1 when there are no heads at all (H = heads = 0, an empty problem that validation
+    accepts, as torch does), so that no path divides by zero.
+    """
+    return H // heads if heads else 1
+
+
+def scaled_product(q: Array, k: Array, scale: float, *, xp: Namespace) -> Array:
+    """The scaled scores ``(scale q) k^T``: the scale multiplies q before the product.
+
+    Every path forms its scores in this order (the blocked path and the kernels scale
+    each block's query rows, the compensated path splits ``scale q`` exactly), so a
+    score overflows only where ``scale q . k`` does: with q and k of size 1e155 and
+    ``scale = 1e-308`` the scores are of size 1e2, where ``(q k^T) scale`` would first
+    overflow to inf and then give NaN weights. The extra rounding of each ``scale q``
+    entry (relative u) is part of the dot product's bound (docs/accuracy.rst).
+    """
+    return (q * scale) @ xp.matrix_transpose(k)
 
 
 def repeat_heads(x: Array, groups: int, *, xp: Namespace) -> Array:
@@ -57,9 +79,9 @@ def direct_attention(problem: AttentionProblem) -> AttentionResult:
     """
     p, xp = problem, problem.xp
     H = p.q.shape[-3]
-    k = repeat_heads(p.k, H // p.k.shape[-3], xp=xp)
-    v = repeat_heads(p.v, H // p.v.shape[-3], xp=xp)
-    scores = final_scores((p.q @ xp.matrix_transpose(k)) * p.scale, bias=p.bias_with_alibi,
+    k = repeat_heads(p.k, group_size(H, p.k.shape[-3]), xp=xp)
+    v = repeat_heads(p.v, group_size(H, p.v.shape[-3]), xp=xp)
+    scores = final_scores(scaled_product(p.q, k, p.scale, xp=xp), bias=p.bias_with_alibi,
                           allowed=p.visible, mods=p.mods, xp=xp)
     weights, lse = masked_softmax(scores, masked_rows=p.masked_rows, xp=xp)
     out = apply_dropout(weights, p.keep, p.dropout_p, xp=xp) @ v

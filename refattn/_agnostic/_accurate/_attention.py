@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..._results import AttentionGrads, AttentionResult
 from ..._types import Array
+from .._direct import group_size, repeat_heads, scaled_product
 from ._eft import (
     _df_div,
     _mul_df,
@@ -46,12 +47,12 @@ def _group_rows(x: Any, heads: int, *, xp: Any) -> Any:
     # (..., H, L, D) -> (..., heads, G*L, D), G = H // heads: the query heads that share a
     # key/value head become one taller matrix, so matmul broadcasting does GQA.
     *lead, h, l_, d = x.shape
-    return xp.reshape(x, (*lead, heads, (h // heads) * l_, d))
+    return xp.reshape(x, (*lead, heads, group_size(h, heads) * l_, d))
 
 
 def _ungroup_rows(x: Any, H: int, *, xp: Any) -> Any:
     *lead, kh, gl, d = x.shape
-    return xp.reshape(x, (*lead, H, (kh * gl) // H, d))
+    return xp.reshape(x, (*lead, H, (kh * gl) // H if H else gl, d))
 
 
 def _sum_groups_df(hi: Any, lo: Any, heads: int, *, xp: Any) -> tuple[Any, Any]:
@@ -59,7 +60,7 @@ def _sum_groups_df(hi: Any, lo: Any, heads: int, *, xp: Any) -> tuple[Any, Any]:
     *lead, h, s, d = hi.shape
     if h == heads:
         return hi, lo
-    hi, lo = (xp.reshape(x, (*lead, heads, h // heads, s, d)) for x in (hi, lo))
+    hi, lo = (xp.reshape(x, (*lead, heads, group_size(h, heads), s, d)) for x in (hi, lo))
     return sum_df(hi, lo, axis=-3, xp=xp)
 
 
@@ -218,42 +219,124 @@ def compensated_attention(problem: AttentionProblem, *, need_weights: bool
     LSE by ``ulp(lse)/2 + 2^-63 + delta``: about half an ulp of max|V| for E <= 256,
     S <= 4096, C <= 2^12. The derivation is in docs/accuracy.rst.
     """
-    q, k, v, xp, scale = problem.q, problem.k, problem.v, problem.xp, problem.scale
+    q, k, xp, scale = problem.q, problem.k, problem.xp, problem.scale
     bias, allowed, keep = problem.bias_with_alibi, problem.visible, problem.keep
     dropout_p, masked_rows = problem.dropout_p, problem.masked_rows
     L, S = q.shape[-2], k.shape[-2]
     chunks = _row_chunks(q, S)
-    side = _side(k, v, chunks[0].stop - chunks[0].start, xp=xp)
+    nf = _NonFinite.of(problem)
+    side = _side(nf.k, nf.v, chunks[0].stop - chunks[0].start, xp=xp)
     factor = _dropout_factor(dropout_p) if keep is not None and dropout_p < 1.0 else None
     outs, lses, weights = [], [], []
     for rows in chunks:
-        f = _forward(q[..., rows, :], side, scale=scale, bias=_rows(bias, rows, L),
-                     allowed=_rows(allowed, rows, L), keep=_rows(keep, rows, L),
-                     masked_rows=masked_rows, xp=xp)
-        lses.append(f.lse)
+        bias_r, allowed_r, keep_r = (_rows(x, rows, L) for x in (bias, allowed, keep))
+        poisoned, allowed_r = nf.scores(q[..., rows, :], bias_r, allowed_r, scale)
+        f = _forward(nf.q[..., rows, :], side, scale=scale, bias=bias_r, allowed=allowed_r,
+                     keep=keep_r, masked_rows=masked_rows, xp=xp)
+        lses.append(nf.rows_nan(f.lse, poisoned))
         if S == 0:
             # No keys: there is nothing to weigh, every policy gives the empty sum 0.
             outs.append(f.nh)
             weights.append(f.wh)
             continue
         if keep is not None and dropout_p >= 1.0:
-            outs.append(xp.zeros_like(f.nh))
+            out = xp.zeros_like(f.nh)
         else:
             # out = n / (z (1 - p)): divide by z, then multiply by 1/(1 - p).
             oh, ol = _df_div(f.nh, f.nl, f.zh, f.zl)
             if factor is not None:
                 oh, ol = _mul_df(oh, ol, *factor, xp=xp)
-            outs.append(oh + ol)
+            out = oh + ol
+        outs.append(nf.rows_nan(nf.with_values(out, f, keep_r, masked_rows), poisoned))
         if need_weights:
             ph, pl = _df_div(f.wh, f.wl, f.zh, f.zl)
             w = ph + pl
             if masked_rows == "nan":
                 w = xp.where(f.row_masked, xp.asarray(xp.nan, dtype=w.dtype, device=w.device), w)
-            weights.append(w)
+            weights.append(nf.rows_nan(w, poisoned))
     return AttentionResult(
         out=xp.concat(outs, axis=-2), lse=xp.concat(lses, axis=-1),
         weights=xp.concat(weights, axis=-2) if need_weights else None,
     )
+
+
+@dataclass
+class _NonFinite:
+    """NaN and infinity in the inputs, held to the direct path's rule.
+
+    docs/semantics.rst ("Non-finite values"): a pre-mask score that is NaN or +inf makes
+    its row NaN, masked or not; a -inf one masks; a non-finite value entry reaches its
+    column of every output row through the product with V (0 * inf is NaN). The
+    error-free transformations cannot carry inf (TwoSum of inf gives NaN, and an inf
+    would spoil the slices of its whole column), so they run on the inputs with their
+    non-finite entries replaced by 0, and the plain arithmetic of the direct path
+    supplies the non-finite part: the scores ``(scale q) k^T + bias`` to find the
+    poisoned rows and the -inf scores, ``P @ V_bad`` (V_bad the non-finite entries, 0
+    elsewhere) for the values. When every entry is finite (one pass over each input)
+    nothing of this runs.
+    """
+
+    problem: AttentionProblem
+    q: Any  # q, k, v with their non-finite entries replaced by 0
+    k: Any
+    v: Any
+    scores_bad: bool  # q or k has a non-finite entry, or the bias a NaN or +inf
+    v_bad: Any  # v's non-finite entries (0 elsewhere), or None when v is finite
+
+    @staticmethod
+    def of(problem: AttentionProblem) -> _NonFinite:
+        xp, bias = problem.xp, problem.bias_with_alibi
+        zero = xp.asarray(0.0, dtype=problem.q.dtype, device=problem.q.device)
+        fin = [xp.isfinite(x) for x in (problem.q, problem.k, problem.v)]
+        bad = [not bool(xp.all(f)) for f in fin]
+        q, k, v = (xp.where(f, x, zero) if b else x
+                   for f, b, x in zip(fin, bad, (problem.q, problem.k, problem.v), strict=True))
+        bias_bad = bias is not None and not bool(xp.all(bias < xp.inf))
+        return _NonFinite(problem=problem, q=q, k=k, v=v,
+                          scores_bad=bad[0] or bad[1] or bias_bad,
+                          v_bad=xp.where(fin[2], zero, problem.v) if bad[2] else None)
+
+    def scores(self, q: Any, bias: Any, allowed: Any, scale: float) -> tuple[Any, Any]:
+        """``(poisoned, allowed)`` for one row chunk: (..., rows, 1) True where a
+        pre-mask score is NaN or +inf (None when none can be), and the mask with the
+        -inf scores hidden too."""
+        if not self.scores_bad:
+            return None, allowed
+        p, xp = self.problem, self.problem.xp
+        kr = repeat_heads(p.k, group_size(q.shape[-3], p.k.shape[-3]), xp=xp)
+        plain = scaled_product(q, kr, scale, xp=xp)
+        if bias is not None:
+            plain = plain + bias
+        poisoned = xp.any(xp.logical_or(xp.isnan(plain), plain == xp.inf), axis=-1,
+                          keepdims=True)
+        shown = plain > -xp.inf
+        return poisoned, shown if allowed is None else xp.logical_and(allowed, shown)
+
+    def rows_nan(self, x: Any, poisoned: Any) -> Any:
+        """``x`` (..., rows[, n]) with NaN on the poisoned rows."""
+        if poisoned is None:
+            return x
+        xp = self.problem.xp
+        rows = poisoned if x.ndim == poisoned.ndim else poisoned[..., 0]
+        return xp.where(rows, xp.asarray(xp.nan, dtype=x.dtype, device=x.device), x)
+
+    def with_values(self, out: Any, f: _Forward, keep: Any, masked_rows: str) -> Any:
+        """``out`` plus ``P @ V_bad``: the non-finite values' terms, with the pattern
+        of the direct path's products (any positive weight stands for P: only which
+        weights are 0, positive or NaN decides inf or NaN)."""
+        if self.v_bad is None:
+            return out
+        p, xp = self.problem, self.problem.xp
+        zero = xp.asarray(0.0, dtype=out.dtype, device=out.device)
+        pattern = f.wh
+        if masked_rows == "nan":
+            pattern = xp.where(f.row_masked, xp.asarray(xp.nan, dtype=out.dtype,
+                                                        device=out.device), pattern)
+        if keep is not None:
+            pattern = (xp.zeros_like(pattern) if p.dropout_p >= 1.0
+                       else xp.where(keep, pattern, zero))
+        vr = repeat_heads(self.v_bad, group_size(out.shape[-3], self.v_bad.shape[-3]), xp=xp)
+        return out + pattern @ vr
 
 
 def compensated_backward(problem: AttentionProblem, grad_out: Array) -> AttentionGrads:

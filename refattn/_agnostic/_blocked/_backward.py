@@ -64,7 +64,7 @@ def blocked_attention_backward(
     plan = _make_plan(problem, block_l=block_l, block_s=block_s, backward=True)
     # Every entry of the gradients is assigned by some work item (each covers its keys
     # and its heads' queries whole), so they start empty, except when nothing runs.
-    nothing = plan.L == 0 or plan.S == 0 or (keep is not None and dropout_p >= 1.0)
+    nothing = plan.empty or (keep is not None and dropout_p >= 1.0)
     grads = _new_grads(q, k, v, bias, plan, zeros=nothing, xp=xp)
     if nothing:
         # Nothing to differentiate, or dropout_p = 1: the output is identically zero.

@@ -16,6 +16,7 @@ from ..._types import Namespace
 from ._bounds import _zero_shift_everywhere
 from ._inputs import _Inputs, _ones_appended, _prepare_inputs
 from ._items import _run_items
+from ._nonfinite import screen
 from ._online import _forward_item
 from ._plan import _batch_indices, _make_plan, _Plan, _query_starts
 
@@ -60,22 +61,25 @@ def blocked_attention(problem: AttentionProblem, *, return_weights: bool = False
     weights = None
     if return_weights:
         weights = xp.zeros((*batch, H, L, S), dtype=dtype, device=device)
-    if L == 0 or S == 0:
+    if plan.empty:
         # No keys: every row is fully masked, and its (empty) weights meet no value, so
-        # the output is 0 whatever the policy, as in the direct path.
+        # the output is 0 whatever the policy, as in the direct path. Without rows
+        # (a zero-size batch dim, H or L) the results are empty.
         return AttentionResult(
             out=xp.zeros((*batch, H, L, Ev), dtype=dtype, device=device),
             lse=xp.full((*batch, H, L), -xp.inf, dtype=dtype, device=device),
             weights=weights,
         )
-    inp = _with_columns(_prepare_inputs(problem, plan), plan, xp)
+    prepared = _prepare_inputs(problem, plan)
+    found = screen(prepared, plan)
+    inp = _with_columns(prepared, plan, xp)
     res = AttentionResult(
         out=xp.empty((*batch, H, L, Ev), dtype=dtype, device=device),
         lse=xp.empty((*batch, H, L), dtype=dtype, device=device), weights=weights,
     )
     items = list(itertools.product(_batch_indices(plan), range(H // plan.group),
                                    _query_starts(plan)))
-    _run_items(items, lambda i, item: _forward_item(inp, plan, res, item), num_threads)
+    _run_items(items, lambda i, item: _forward_item(inp, plan, res, item, found), num_threads)
     return res
 
 

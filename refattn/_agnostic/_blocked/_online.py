@@ -34,6 +34,7 @@ from ._block_scores import (
 from ._bounds import _Bound, _shift_free_range
 from ._inputs import _Inputs, _Rows, _rows, _with_shift
 from ._items import _batch_index
+from ._nonfinite import _Screen, poisoned_columns, poisoned_rows
 from ._plan import Span, _Plan, key_spans
 
 __all__ = ["RESCALE_THRESHOLD"]
@@ -153,7 +154,8 @@ def _start(inp: _Inputs, plan: _Plan, it: _Item) -> _Running:
 
 
 def _forward_item(
-    inp: _Inputs, plan: _Plan, res: AttentionResult, item: tuple[tuple[int, ...], int, int]
+    inp: _Inputs, plan: _Plan, res: AttentionResult, item: tuple[tuple[int, ...], int, int],
+    found: _Screen,
 ) -> None:
     """Online softmax for one (batch index, head group, query block); writes its results.
 
@@ -180,7 +182,12 @@ def _forward_item(
         else:
             p = _checked_weights(inp, plan, it, run, span, more=index + 1 < len(it.spans))
         _accumulate(inp, plan, it, run, p, span)
-    _finish(inp, plan, res, it, run)
+    # NaN and infinity where the blocks above did not look (_nonfinite): rows with a NaN
+    # or +inf score at a hidden key, value columns with a non-finite entry at a skipped
+    # key.
+    rows_nan = poisoned_rows(inp, plan, it.rows, it.k, found)
+    columns_nan = poisoned_columns(inp, plan, it.v, it.spans, found, every=it.drop_all)
+    _finish(inp, plan, res, it, run, rows_nan, columns_nan)
 
 
 def _checked_weights(
@@ -285,9 +292,14 @@ def _fully_masked(inp: _Inputs, run: _Running, total: Array) -> Array | None:
     return masked if run.shift is None else xp.logical_and(run.unset, masked)
 
 
-def _finish(inp: _Inputs, plan: _Plan, res: AttentionResult, it: _Item, run: _Running) -> None:
+def _finish(inp: _Inputs, plan: _Plan, res: AttentionResult, it: _Item, run: _Running,
+            rows_nan: Array | None = None, columns_nan: Array | None = None) -> None:
     """Write the rows' ``out = acc / total`` (the masked-row policy's output on fully
-    masked rows), ``lse = shift + log(total)`` (-inf there) and weights if asked."""
+    masked rows), ``lse = shift + log(total)`` (-inf there) and weights if asked.
+
+    ``rows_nan`` (R,) and ``columns_nan`` (Ev,) mark the rows (output, LSE, weights)
+    and output columns made NaN by a non-finite input the blocks did not see
+    (``_nonfinite``)."""
     xp, rows = inp.xp, it.rows
     R, g, bl, Ev = rows.R, rows.g, rows.bl, plan.Ev
     dtype, device = rows.q.dtype, rows.q.device
@@ -300,6 +312,9 @@ def _finish(inp: _Inputs, plan: _Plan, res: AttentionResult, it: _Item, run: _Ru
         safe_total = xp.where(masked, xp.asarray(1.0, dtype=dtype, device=device), total)
         lse = xp.where(masked, xp.asarray(-xp.inf, dtype=dtype, device=device),
                        xp.log(safe_total) + shift)
+    nan = xp.asarray(xp.nan, dtype=dtype, device=device)
+    if rows_nan is not None:
+        lse = xp.where(rows_nan, nan, lse)
     res_lse: Array = res.lse  # allocated by blocked_attention
     res_lse[it.region] = xp.reshape(lse, (g, bl))
     if it.drop_all:
@@ -308,9 +323,17 @@ def _finish(inp: _Inputs, plan: _Plan, res: AttentionResult, it: _Item, run: _Ru
         out = acc / xp.reshape(safe_total, (R, 1))
         if masked is not None and inp.masked_rows != "zero" and bool(xp.any(masked)):
             out = xp.where(xp.reshape(masked, (R, 1)), _fill_rows(inp, plan, rows, it.v), out)
+    if rows_nan is not None:
+        out = xp.where(xp.reshape(rows_nan, (R, 1)), nan, out)
+    if columns_nan is not None:
+        out = xp.where(xp.reshape(columns_nan, (1, Ev)), nan, out)
     res.out[(*it.region, ...)] = xp.reshape(out, (g, bl, Ev))
     if res.weights is not None:
         _write_weights(inp, plan, res, it, shift, safe_total, masked)
+        if rows_nan is not None:
+            weights: Array = res.weights
+            weights[(*it.region, ...)] = xp.where(xp.reshape(rows_nan, (g, bl, 1)), nan,
+                                                  weights[(*it.region, ...)])
 
 
 def _fill_rows(inp: _Inputs, plan: _Plan, rows: _Rows, v: Array) -> Array:

@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
+from .._direct import group_size
+
 if TYPE_CHECKING:
     from ..._problem import AttentionProblem
 
@@ -168,6 +170,14 @@ class _Plan:
     def ndim(self) -> int:
         return len(self.batch) + 3
 
+    @property
+    def empty(self) -> bool:
+        """No score to compute: a zero-size batch dim, no heads, no queries or no keys.
+
+        The paths then return their results without a work item (and without the
+        reductions over the inputs that bound the scores, which have no identity)."""
+        return self.L == 0 or self.S == 0 or self.H == 0 or 0 in self.batch
+
 
 def _make_plan(problem: AttentionProblem, *, block_l: int | None, block_s: int | None,
                backward: bool = False) -> _Plan:
@@ -176,7 +186,7 @@ def _make_plan(problem: AttentionProblem, *, block_l: int | None, block_s: int |
     q, k, v = problem.q, problem.k, problem.v
     H, L, E = q.shape[-3:]
     S, Ev = k.shape[-2], v.shape[-1]
-    heads_per_k, heads_per_v = H // k.shape[-3], H // v.shape[-3]
+    heads_per_k, heads_per_v = group_size(H, k.shape[-3]), group_size(H, v.shape[-3])
     group = math.gcd(heads_per_k, heads_per_v)
     auto_l, auto_s = choose_blocks(L, S, group, backward=backward)
     left, right = (None, None) if problem.window is None else (problem.window.left,
