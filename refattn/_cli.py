@@ -165,9 +165,7 @@ def _check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     elapsed = time.perf_counter() - start
     _audit.print_table(reports, sys.stdout)
     _audit.print_failures(reports, sys.stdout)
-    failures = [f for r in reports for f in r.failures if f.status in ("semantic", "precision")]
-    known = [f for r in reports for f in r.failures if f.status == "known"]
-    semantic = sum(f.status == "semantic" for f in failures)
+    counts = _audit.summary(reports)
     if args.json:
         from . import __version__
 
@@ -175,8 +173,7 @@ def _check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 "convention": args.convention, "library": library, "device": args.device,
                 "dtypes": dtypes, "groups": groups, "examples": args.examples,
                 "seed": args.seed, "grad": args.grad, "seconds": elapsed, **versions,
-                "summary": {"semantic": semantic, "precision": len(failures) - semantic,
-                            "known": len(known)}}
+                "summary": counts}
         with open(args.json, "w") as fh:
             json.dump(_audit.report_json(reports, meta), fh, indent=2, default=str)
     if args.plot:
@@ -186,9 +183,8 @@ def _check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             print("refattn: --plot needs matplotlib: pip install 'refattn[plot]'",
                   file=sys.stderr)
             return 2
-    print(f"\n{semantic} semantic differences, {len(failures) - semantic} precision "
-          f"failures, {len(known)} known deviations ({elapsed:.0f} s)")
-    if failures or (args.strict and known):
+    print(f"\n{_audit.summary_line(reports)} ({elapsed:.0f} s)")
+    if counts["rows"]["fail"] or (args.strict and counts["rows"]["known"]):
         return 1
     return 0
 

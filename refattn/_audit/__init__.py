@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from .cases import GROUPS, Case, make_case
 from .conventions import CONVENTIONS, Convention
-from .judging import SEMANTIC_RATIO, CaseResult, evaluate
+from .judging import REFUSED_ALTERNATIVES, SEMANTIC_RATIO, CaseResult, evaluate
 from .report import (
     GroupReport,
     audit,
@@ -39,6 +39,8 @@ from .report import (
     print_table,
     quiet_warnings,
     report_json,
+    summary,
+    summary_line,
 )
 from .shrinking import shrink, snippet
 from .targets import Backend, Library, Ran, load_target, torch_backends, user_backend
@@ -46,6 +48,7 @@ from .targets import Backend, Library, Ran, load_target, torch_backends, user_ba
 __all__ = [
     "CONVENTIONS",
     "GROUPS",
+    "REFUSED_ALTERNATIVES",
     "SEMANTIC_RATIO",
     "Backend",
     "Case",
@@ -65,6 +68,8 @@ __all__ = [
     "report_json",
     "shrink",
     "snippet",
+    "summary",
+    "summary_line",
     "torch_backends",
     "user_backend",
 ]

@@ -118,7 +118,13 @@ def snippet(case: Case, backend: Backend, dtype_name: str) -> str:
     """Python source that reruns the case through the backend and prints the oracle."""
     conv = backend.convention
     inputs = conv.inputs(case, dtype_name)
-    options = conv.options(case, inputs)
+    try:
+        options: dict[str, Any] | None = conv.options(case, inputs)
+        refusal = ""
+    except (ValueError, TypeError) as exc:
+        # A case the reference semantics refuses: the snippet shows what the target
+        # returned and says why there is no oracle to print.
+        options, refusal = None, str(exc)
     imports, template = backend.library.source(dtype_name)
     lines = ["import numpy as np", "import refattn", *dict.fromkeys(imports),
              *backend.target_source, "",
@@ -137,6 +143,12 @@ def snippet(case: Case, backend: Backend, dtype_name: str) -> str:
         lines.append("alibi_slopes = " + template.format(x="alibi_slopes64").replace(
             dtype_name, "float32").replace("ml_dtypes.bfloat16", "'float32'"))
     lines.append(f"actual = target({conv.source(case)})")
+    lines.append("actual = actual.detach().cpu().double() if hasattr(actual, 'detach') "
+                 "else actual")
+    lines.append("print('actual:', np.asarray(actual, dtype=np.float64).tolist())")
+    if options is None:
+        lines.append(f"# the oracle refuses this case: {refusal}")
+        return "\n".join(lines)
     opts = []
     for name, value in options.items():
         if value is None or name in ("dropout_mask", "dropout_p"):
@@ -146,9 +158,6 @@ def snippet(case: Case, backend: Backend, dtype_name: str) -> str:
         else:
             opts.append(f"{name}={value!r}")
     lines.append("expected = refattn.attention(q64, k64, v64, " + ", ".join(opts) + ")")
-    lines.append("actual = actual.detach().cpu().double() if hasattr(actual, 'detach') "
-                 "else actual")
-    lines.append("print('actual:', np.asarray(actual, dtype=np.float64).tolist())")
     lines.append("print('oracle:', expected.tolist())")
     return "\n".join(lines)
 

@@ -19,7 +19,7 @@ from .._arrays import to_numpy
 from .._types import Array
 from .cases import Case
 from .conventions import CONVENTIONS, Convention
-from .judging import matches_anded_causal, matches_zero_nan_rows
+from .judging import matches_zero_nan_rows
 
 __all__ = ["Backend", "Library", "Ran", "load_target", "torch_backends", "user_backend"]
 
@@ -215,8 +215,9 @@ def _torch_backend(name: str, sdp: str | None, device: str) -> Backend:
     source = _torch_source("MATH" if name == "math" else sdp)
     known: list[tuple[str, Callable[..., bool]]] = []
     if name == "default" and device == "cpu":
-        known = [("explicit mask ANDed with is_causal", matches_anded_causal),
-                 ("NaN query rows give zeros", matches_zero_nan_rows)]
+        # An explicit mask with is_causal (ANDed there) is the convention's documented
+        # alternative for every torch-convention target: judging.REFUSED_ALTERNATIVES.
+        known = [("NaN query rows give zeros", matches_zero_nan_rows)]
     return Backend(name, run, conv, draws_own_dropout=name != "math", known=known,
                    target_source=source, library=lib)
 
