@@ -13,6 +13,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, TextIO
 
 __all__ = ["main"]
@@ -58,6 +59,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="check gradients through autograd too (torch or jax arrays)")
     check.add_argument("--strict", action="store_true",
                        help="fail on documented deviations too")
+    check.add_argument("--quiet", action="store_true",
+                       help="no progress bar: nothing on stderr but errors")
     check.add_argument("--json", metavar="FILE", help="write the full report as JSON")
     check.add_argument("--plot", metavar="FILE.png",
                        help="draw the errors against their budgets, per group "
@@ -72,21 +75,33 @@ def _fail(parser: argparse.ArgumentParser, message: str) -> int:
 
 
 class _Progress:
-    """A progress bar on stderr when it is a terminal (rich's when installed)."""
+    """A progress bar on stderr (rich's when installed), for runs long enough to want one.
 
-    def __init__(self, total: int, stream: TextIO) -> None:
+    Drawn only on a terminal, never with ``--quiet``, and only once ``delay`` seconds have
+    passed since the start: a run that ends sooner leaves stderr untouched.
+    """
+
+    delay = 2.0
+
+    def __init__(self, total: int, stream: TextIO, *, quiet: bool = False,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.stream = stream
-        self.enabled = stream.isatty()
+        self.clock = clock
+        self.start = clock()
+        self.enabled = not quiet and stream.isatty()
+        self.drawing = False
+        self.total = total
         self.rich: Any = None
         self.task: Any = None
-        if not self.enabled:
-            return
+
+    def _begin(self) -> None:
+        self.drawing = True
         try:
             from rich.console import Console
             from rich.progress import Progress
 
-            self.rich = Progress(console=Console(file=stream), transient=True)
-            self.task = self.rich.add_task("refattn check", total=total)
+            self.rich = Progress(console=Console(file=self.stream), transient=True)
+            self.task = self.rich.add_task("refattn check", total=self.total)
             self.rich.start()
         except ImportError:
             self.rich = None
@@ -94,6 +109,10 @@ class _Progress:
     def __call__(self, done: int, total: int, label: str) -> None:
         if not self.enabled:
             return
+        if not self.drawing:
+            if self.clock() - self.start < self.delay:
+                return
+            self._begin()
         if self.rich is not None:
             self.rich.update(self.task, completed=done, description=label)
             if done >= total:
@@ -156,7 +175,7 @@ def _check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     print(f"refattn check: {what}; {args.examples} cases per group, seed {args.seed}"
           + (", with gradients" if args.grad else ""), flush=True)
     total = len(groups) * len(backends) * len(dtypes)
-    progress = _Progress(total, sys.stderr)
+    progress = _Progress(total, sys.stderr, quiet=args.quiet)
     start = time.perf_counter()
     with _audit.quiet_warnings():
         reports = _audit.audit(backends, groups=groups, dtypes=dtypes,

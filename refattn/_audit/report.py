@@ -286,8 +286,33 @@ def report_json(reports: list[GroupReport], meta: dict[str, Any]) -> dict[str, A
     return _json_safe({**meta, "cells": cells})
 
 
-def plot(reports: list[GroupReport], path: str, title: str) -> None:
-    """Draw every case's error / budget per group, one panel per dtype, to ``path``."""
+#: The plot's vertical range: ratios below are drawn at the floor (an exact result's 0
+#: included), ratios above at the ceiling, with their own marker.
+PLOT_FLOOR, PLOT_CEILING = 1e-4, 1e4
+
+
+def _short(x: float) -> str:
+    # 1e4 rather than 10000 or 1e+04.
+    return f"{x:.0e}".replace("e+0", "e").replace("e-0", "e-")
+
+
+def plot(reports: list[GroupReport], path: str, title: str) -> int:
+    """Draw every case's error / budget per group, one panel per dtype, to ``path``.
+
+    Ratios above ``PLOT_CEILING`` (1e4), an error without a budget included, are drawn at
+    the ceiling as triangles, and the title and legend say so. Returns how many were.
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> from refattn._audit.judging import CaseResult
+    >>> over = CaseResult("plain", "mine", "float32", "semantic", errors={"out": 2.0},
+    ...                   budgets={"out": 1e-6})
+    >>> rep = GroupReport("plain", "mine", "float32", cases=1, results=[over])
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     plot([rep], os.path.join(d, "errors.png"), "example")
+    1
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -300,10 +325,10 @@ def plot(reports: list[GroupReport], path: str, title: str) -> None:
                                                         2.8 * len(dtypes) + 1),
                              squeeze=False, sharex=True)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    floor = 1e-4
+    clipped = 0
     for ax, dtype in zip(axes[:, 0], dtypes, strict=True):
         for b_index, backend in enumerate(backends):
-            xs, ys = [], []
+            xs, ys, over = [], [], []
             for r in reports:
                 if r.dtype != dtype or r.backend != backend:
                     continue
@@ -311,21 +336,40 @@ def plot(reports: list[GroupReport], path: str, title: str) -> None:
                 for res in r.results:
                     for name, err in res.errors.items():
                         ratio = error_ratio(err, res.budgets.get(name, 0.0))
-                        xs.append(x)
-                        ys.append(min(max(ratio, floor), 1e4))
-            ax.scatter(xs, ys, s=12, alpha=0.6, color=colors[b_index % len(colors)],
-                       label=backend)
+                        if ratio > PLOT_CEILING:
+                            over.append(x)
+                        else:
+                            xs.append(x)
+                            ys.append(max(ratio, PLOT_FLOOR))
+            color = colors[b_index % len(colors)]
+            ax.scatter(xs, ys, s=12, alpha=0.6, color=color, label=backend)
+            if over:
+                clipped += len(over)
+                ax.scatter(over, [PLOT_CEILING] * len(over), s=40, marker="^",
+                           color=color, edgecolors="black", linewidths=0.5,
+                           label=f"{backend}: above {_short(PLOT_CEILING)}, drawn at "
+                           f"{_short(PLOT_CEILING)} ({len(over)})")
         ax.axhline(1.0, color="black", linewidth=1)
         ax.text(-0.45, 1.15, "budget", ha="left", va="bottom", fontsize=8)
         ax.set_yscale("log")
-        ax.set_ylim(floor / 2, 2e4)
+        ax.set_ylim(PLOT_FLOOR / 2, PLOT_CEILING * 4)
         ax.set_ylabel(f"{dtype}\nerror / budget")
         ax.grid(axis="y", alpha=0.3)
-    axes[0, 0].legend(loc="upper right", fontsize=8, ncol=len(backends))
-    axes[0, 0].set_title(f"{title}: error / budget per case and tensor "
-                         f"(exact results drawn at {floor:g})", fontsize=10)
+        if ax is not axes[0, 0] and any("above" in label for label in
+                                        ax.get_legend_handles_labels()[1]):
+            ax.legend(loc="best", fontsize=8)  # this panel's triangles, named
+    axes[0, 0].legend(loc="best", fontsize=8, ncol=len(backends))
+    note = f"exact results drawn at {_short(PLOT_FLOOR)}"
+    if clipped:
+        note += (f"; {clipped} ratios above {_short(PLOT_CEILING)} drawn at "
+                 f"{_short(PLOT_CEILING)}, as triangles")
+    axes[0, 0].set_title(f"{title}: error / budget per case and tensor\n({note})",
+                         fontsize=10)
+    # Room for the "budget" label left of the first group, whatever the number of groups.
+    axes[-1, 0].set_xlim(-0.6, len(groups) - 0.4)
     axes[-1, 0].set_xticks(range(len(groups)))
     axes[-1, 0].set_xticklabels(groups, rotation=30, ha="right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return clipped

@@ -9,6 +9,7 @@ a :class:`Library` and taken back to the host as float64.
 from __future__ import annotations
 
 import importlib
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -170,9 +171,15 @@ def _math_sdpa(q: Array, k: Array, v: Array, *, case: Case, **kwargs: Any) -> Ar
             # one to 0 / -inf before dispatching, and so must we.
             mask = torch.zeros(mask.shape, dtype=q.dtype).masked_fill(~mask, float("-inf"))
         keep = torch.from_numpy(case.dropout_mask).to(q.device)
-        return torch.ops.aten._scaled_dot_product_attention_math(
-            q, k, v, mask, case.dropout_p, case.causal, keep, scale=case.scale,
-            enable_gqa=case.gqa)[0]
+        # The hook warns, once per process, that it is for testing. Through torch.ops the
+        # warning goes from C++ straight to the process's stderr, where no Python filter
+        # reaches it; the generated binding (torch._scaled_dot_product_attention_math)
+        # hands it to Python's warnings, so it is filtered here, whoever calls.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Dropout mask should only be used")
+            return torch._scaled_dot_product_attention_math(
+                q, k, v, mask, case.dropout_p, case.causal, keep, scale=case.scale,
+                enable_gqa=case.gqa)[0]
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     with sdpa_kernel(SDPBackend.MATH):

@@ -191,6 +191,8 @@ def test_progress_bar_only_on_a_terminal(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "rich.progress", None)
     terminal = _Terminal()
     monkeypatch.setattr(sys, "stderr", terminal)
+    # Drawn from the start here: the two cells end long before the usual delay.
+    monkeypatch.setattr(_cli._Progress, "delay", 0.0)
     _cli.main(argv)
     assert "2/2 plain" in terminal.getvalue() and "[####" in terminal.getvalue()
 
