@@ -9,7 +9,9 @@ checking that the backend matches the documented alternative semantics.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -19,6 +21,7 @@ import numpy as np
 from .. import _tolerance
 from ..testing._baseline import EPS, numpy_rounder
 from ..testing._budget import compute_reference
+from . import dropout
 from .cases import Case, grad_out
 from .conventions import host_namespace
 
@@ -237,10 +240,17 @@ def evaluate(case: Case, backend: Backend, dtype_name: str, *, grad: bool = Fals
     the group budget is built from (None otherwise).
     """
     conv = backend.convention
-    res = CaseResult(case.group, backend.name, dtype_name, "ok", case=case.describe())
-    if case.dropout_p > 0 and backend.draws_own_dropout:
-        res.status, res.detail = "skipped", "draws its own dropout mask"
+    probing = case.dropout_p > 0 and backend.draws_own_dropout
+    if probing and conv.layout != "BHLD":
+        # No such convention has a dropout group: the probe reads weights heads first.
+        res = CaseResult(case.group, backend.name, dtype_name, "skipped",
+                         case=case.describe(), detail="draws its own dropout mask")
         return res, None
+    if probing:
+        # The target draws its own keep-mask and does not say which: it is checked on a
+        # probe built for that (see .dropout).
+        case = dropout.probe_case(case)
+    res = CaseResult(case.group, backend.name, dtype_name, "ok", case=case.describe())
     inputs = conv.inputs(case, dtype_name)
     try:
         options = conv.options(case, inputs)
@@ -252,9 +262,15 @@ def evaluate(case: Case, backend: Backend, dtype_name: str, *, grad: bool = Fals
         out_shape = _oracle(inputs, options).shape
         d_out = grad_out(case, out_shape, dtype_name)
     actual_error: Exception | None = None
+    draws: list[np.ndarray] = []
     try:
-        with np.errstate(all="ignore"):
+        with np.errstate(all="ignore"), (dropout.seeded(
+                backend.library.name, zlib.crc32(f"{res.case} {dtype_name}".encode()))
+                if probing else contextlib.nullcontext()):
             got = backend.run(case, inputs, dtype_name, d_out)
+            if probing:
+                draws = [backend.run(case, inputs, dtype_name, None).out
+                         for _ in range(dropout.DRAWS - 1)]
     except TypeError as exc:
         if "unexpected keyword argument" in str(exc) or "positional argument" in str(exc):
             res.status, res.detail = "unsupported", f"the target does not take it: {exc}"
@@ -263,6 +279,10 @@ def evaluate(case: Case, backend: Backend, dtype_name: str, *, grad: bool = Fals
         got, actual_error = None, exc
     except Exception as exc:  # noqa: BLE001 - any crash of the target is reported
         got, actual_error = None, exc
+    if probing and actual_error is not None and dropout.refuses(actual_error):
+        res.status, res.brief = "unsupported", "not supported by the target"
+        res.detail = f"not supported by the target: {actual_error!r}"
+        return res, None
     actual, grads = (None, None) if got is None else (got.out, got.grads)
     if got is not None and got.dropout_mask is not None and options is not None:
         # The implementation drew its own dropout and told us which weights it kept.
@@ -276,6 +296,17 @@ def evaluate(case: Case, backend: Backend, dtype_name: str, *, grad: bool = Fals
         res.detail = f"{backend.name} raised {actual_error!r} where the oracle returns"
         return res, None
     assert options is not None and actual is not None
+    if probing:
+        no_dropout = {n: x for n, x in options.items() if n not in ("dropout_p", "dropout_mask")}
+        expected = _oracle(inputs, no_dropout)
+        if all(x.shape == expected.shape for x in (actual, *draws)):
+            finding = dropout.judge_draws(case, inputs, expected, [actual, *draws],
+                                          dtype_name)
+            if finding.brief:
+                res.status, res.brief, res.detail = "semantic", finding.brief, finding.detail
+                return res, None
+            # The first call is judged exactly, against the keep-mask read back from it.
+            options["dropout_mask"] = finding.keep
     ref = compute_reference(
         inputs["q"], inputs["k"], inputs["v"], kind=dtype_name, options=options,
         grad_out=d_out, round_to=None if dtype_name in ("float32", "float64")

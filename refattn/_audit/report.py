@@ -241,8 +241,9 @@ def print_failures(reports: list[GroupReport], out: TextIO) -> None:
                       + f.snippet.replace("\n", "\n    "), file=out)
         others = len(semantic) - shown
         if others:
-            print(f"\n  ... and {others} more semantic failures (cases in the JSON report):",
-                  file=out)
+            more = f"... and {others} more semantic failures" if shown else \
+                f"{others} semantic failures without a repro snippet"
+            print(f"\n  {more} (cases in the JSON report):", file=out)
             for r, f in [x for x in semantic if not x[1].snippet][:_SHOWN]:
                 print(f"  - {r.group} / {r.backend} / {r.dtype}: {f.detail}", file=out)
     if precision:

@@ -11,7 +11,7 @@ differs from the correct kernel of :mod:`tests.helpers.example_kernels` in one w
   (torch's ``F.dropout`` on torch tensors, an unseeded NumPy generator otherwise),
   ``dropout_ignored`` computes as if ``dropout_p`` were 0, ``dropout_refused`` raises
   ``NotImplementedError``, ``dropout_not_rescaled`` drops weights but forgets the
-  ``1 / (1 - p)`` rescaling.
+  ``1 / (1 - p)`` rescaling, ``dropout_wrong_rate`` drops with probability p / 2.
 """
 
 from __future__ import annotations
@@ -116,3 +116,16 @@ def dropout_not_rescaled(query: Any, key: Any, value: Any, attn_mask: Any = None
                          scale: float | None = None, enable_gqa: bool = False) -> Any:
     """Drops weights with probability p but leaves the kept ones as they were."""
     return _dropout_kernel(query, key, value, dropout_p, scale, rescale=False)
+
+
+def dropout_wrong_rate(query: Any, key: Any, value: Any, attn_mask: Any = None,
+                       dropout_p: float = 0.0, is_causal: bool = False,
+                       scale: float | None = None, enable_gqa: bool = False) -> Any:
+    """Drops each weight with probability p / 2 yet rescales by 1 / (1 - p): every call
+    is right for its own keep-mask, only the fraction kept gives it away."""
+    xp = array_api_compat.array_namespace(query)
+    w = _weights(query, key, scale, xp)
+    if dropout_p:
+        keep = xp.asarray(np.random.default_rng().random(w.shape) >= dropout_p / 2)
+        w = xp.where(keep, w / (1 - dropout_p), xp.zeros_like(w))
+    return xp.astype(w @ xp.astype(value, w.dtype), query.dtype)
