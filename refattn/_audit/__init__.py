@@ -17,8 +17,13 @@ A disagreement is one of:
   different shape, one side raising where the other returns, or an error so large (over
   ``SEMANTIC_RATIO`` times its budget) that no rounding explains it; named more
   precisely where possible (fully masked rows, the other causal alignment);
-* a known deviation: a documented behaviour of that backend, recognised by checking that
-  the backend matches the documented alternative semantics.
+* a known deviation: a documented behaviour of a real library, recognised by checking
+  that the backend matches the documented alternative semantics (on a case the
+  convention refuses, for every backend of the convention: ``REFUSED_ALTERNATIVES``;
+  refusing such a case too is right).
+
+A backend that draws its own dropout is checked on a probe that reveals its keep-mask
+(:mod:`.dropout`).
 
 One module per step: :mod:`.cases` draws the cases, :mod:`.conventions` turns them into
 a target's arguments and the oracle's options, :mod:`.targets` runs the targets,
