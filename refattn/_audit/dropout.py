@@ -5,8 +5,9 @@ not return it. They are checked on a *probe*: the case's batch, heads and head d
 with L = S = 16 (so 256 weights or more per call, enough for the statistics below to
 have power) and values ``V = [I | v]``: the first S columns of the output are then the
 dropped weights themselves, ``keep * P / (1 - p)``, so the keep-mask of each call is
-read back as the non-zero weights (the probe's queries are small, so every softmax
-weight is within a factor e^4 or so of 1/S and none underflows, even in float16). The
+read back as the non-zero weights (the probe's queries are small, logits of about
+N(0, 1/4), so every softmax weight is within a small factor of 1/S and a kept one never
+rounds to zero, even in float16). The
 target is called ``DRAWS`` times (its RNG seeded per case when the library has a global
 one, torch's or NumPy's, and restored afterwards), and:
 
@@ -40,7 +41,6 @@ import math
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
@@ -165,13 +165,14 @@ class DropoutFinding:
     weights: int = 0
 
 
-def _rounding(dtype_name: str, P: np.ndarray, v: np.ndarray, p: float,
-              scale: Any) -> np.ndarray:
+def _rounding(dtype_name: str, P: np.ndarray, v: np.ndarray, p: float, E: int
+              ) -> np.ndarray:
     # A first-order bound on one output entry's rounding for a kernel computing in the
-    # dtype itself: gamma_m (|scores| terms, the softmax, the E- and S-long sums: m =
-    # E + S + 4 operations in a row) times the sum of the magnitudes that enter it.
+    # dtype itself: gamma_m (m = E + S + 4 operations in a row: the E-long score sums,
+    # the scale, the softmax's exp and division, the S-long output sums) times the sum
+    # of the magnitudes that enter the entry.
     u = EPS[dtype_name] / 2
-    m = v.shape[-2] + P.shape[-1] + 4 + (0 if scale is None else 1)
+    m = E + P.shape[-1] + 4
     return m * u * (np.abs(P) @ np.abs(v)) / (1 - p)
 
 
@@ -187,7 +188,7 @@ def judge_draws(probe: Case, inputs: dict[str, np.ndarray], expected: np.ndarray
     finding = DropoutFinding(keeps[0], kept=int(sum(k.sum() for k in keeps)),
                              weights=sum(k.size for k in keeps))
     P, v = expected[..., :S], inputs["v"]
-    allowance = _rounding(dtype_name, P, v, p, probe.scale)
+    allowance = _rounding(dtype_name, P, v, p, inputs["q"].shape[-1])
     N, K, nN = len(outs), finding.kept, finding.weights
     # (iii) nothing dropped, as the no-dropout output.
     if K == nN and nN * math.log1p(-p) < math.log(FALSE_FAILURE):
