@@ -37,6 +37,7 @@ before the softmax, fails there by far more than rounding).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import zlib
 from collections.abc import Iterator
@@ -127,6 +128,7 @@ def seeded(library: str, seed: int) -> Iterator[None]:
     yield
 
 
+@functools.lru_cache(maxsize=64)  # the same (n, q) recur across cases and dtypes
 def binomial_interval(n: int, q: float, alpha: float) -> tuple[int, int]:
     """The smallest [lo, hi] with P(X < lo) <= alpha / 2 and P(X > hi) <= alpha / 2 for
     X ~ Binomial(n, q), from the exact probabilities.
