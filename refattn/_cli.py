@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, TextIO
 
 __all__ = ["main"]
@@ -62,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="check gradients through autograd too (torch or jax arrays)")
     check.add_argument("--strict", action="store_true",
                        help="fail on documented deviations too")
+    check.add_argument("--quiet", action="store_true",
+                       help="no progress bar: nothing on stderr but errors")
     check.add_argument("--json", metavar="FILE", help="write the full report as JSON")
     check.add_argument("--plot", metavar="FILE.png",
                        help="draw the errors against their budgets, per group "
@@ -96,21 +99,33 @@ def _cwd_on_path() -> None:
 
 
 class _Progress:
-    """A progress bar on stderr when it is a terminal (rich's when installed)."""
+    """A progress bar on stderr (rich's when installed), for runs long enough to want one.
 
-    def __init__(self, total: int, stream: TextIO) -> None:
+    Drawn only on a terminal, never with ``--quiet``, and only once ``delay`` seconds have
+    passed since the start: a run that ends sooner leaves stderr untouched.
+    """
+
+    delay = 2.0
+
+    def __init__(self, total: int, stream: TextIO, *, quiet: bool = False,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.stream = stream
-        self.enabled = stream.isatty()
+        self.clock = clock
+        self.start = clock()
+        self.enabled = not quiet and stream.isatty()
+        self.drawing = False
+        self.total = total
         self.rich: Any = None
         self.task: Any = None
-        if not self.enabled:
-            return
+
+    def _begin(self) -> None:
+        self.drawing = True
         try:
             from rich.console import Console
             from rich.progress import Progress
 
-            self.rich = Progress(console=Console(file=stream), transient=True)
-            self.task = self.rich.add_task("refattn check", total=total)
+            self.rich = Progress(console=Console(file=self.stream), transient=True)
+            self.task = self.rich.add_task("refattn check", total=self.total)
             self.rich.start()
         except ImportError:
             self.rich = None
@@ -118,6 +133,10 @@ class _Progress:
     def __call__(self, done: int, total: int, label: str) -> None:
         if not self.enabled:
             return
+        if not self.drawing:
+            if self.clock() - self.start < self.delay:
+                return
+            self._begin()
         if self.rich is not None:
             self.rich.update(self.task, completed=done, description=label)
             if done >= total:
@@ -200,7 +219,7 @@ def _check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     for dtype_name, why in skipped.items():
         print(f"refattn check: {dtype_name} skipped: {why}", flush=True)
     total = len(groups) * len(backends) * len(dtypes)
-    progress = _Progress(total, sys.stderr)
+    progress = _Progress(total, sys.stderr, quiet=args.quiet)
     start = time.perf_counter()
     with _audit.quiet_warnings():
         reports = _audit.audit(backends, groups=groups, dtypes=dtypes,
@@ -209,9 +228,7 @@ def _check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     elapsed = time.perf_counter() - start
     _audit.print_table(reports, sys.stdout)
     _audit.print_failures(reports, sys.stdout)
-    failures = [f for r in reports for f in r.failures if f.status in ("semantic", "precision")]
-    known = [f for r in reports for f in r.failures if f.status == "known"]
-    semantic = sum(f.status == "semantic" for f in failures)
+    counts = _audit.summary(reports)
     if args.json:
         from . import __version__
 
@@ -219,8 +236,7 @@ def _check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 "convention": args.convention, "library": library, "device": args.device,
                 "dtypes": dtypes, "groups": groups, "examples": args.examples,
                 "seed": args.seed, "grad": args.grad, "seconds": elapsed, **versions,
-                "summary": {"semantic": semantic, "precision": len(failures) - semantic,
-                            "known": len(known)}}
+                "summary": counts}
         with open(args.json, "w") as fh:
             json.dump(_audit.report_json(reports, meta), fh, indent=2, default=str)
     if args.plot:
@@ -230,9 +246,8 @@ def _check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             print("refattn: --plot needs matplotlib: pip install 'refattn[plot]'",
                   file=sys.stderr)
             return 2
-    print(f"\n{semantic} semantic differences, {len(failures) - semantic} precision "
-          f"failures, {len(known)} known deviations ({elapsed:.0f} s)")
-    if failures or (args.strict and known):
+    print(f"\n{_audit.summary_line(reports)} ({elapsed:.0f} s)")
+    if counts["rows"]["fail"] or (args.strict and counts["rows"]["known"]):
         return 1
     return 0
 

@@ -17,8 +17,13 @@ A disagreement is one of:
   different shape, one side raising where the other returns, or an error so large (over
   ``SEMANTIC_RATIO`` times its budget) that no rounding explains it; named more
   precisely where possible (fully masked rows, the other causal alignment);
-* a known deviation: a documented behaviour of that backend, recognised by checking that
-  the backend matches the documented alternative semantics.
+* a known deviation: a documented behaviour of a real library, recognised by checking
+  that the backend matches the documented alternative semantics (on a case the
+  convention refuses, for every backend of the convention: ``REFUSED_ALTERNATIVES``;
+  refusing such a case too is right).
+
+A backend that draws its own dropout is checked on a probe that reveals its keep-mask
+(:mod:`.dropout`).
 
 One module per step: :mod:`.cases` draws the cases, :mod:`.conventions` turns them into
 a target's arguments and the oracle's options, :mod:`.targets` runs the targets,
@@ -30,7 +35,7 @@ from __future__ import annotations
 
 from .cases import GROUPS, Case, make_case
 from .conventions import CONVENTIONS, Convention
-from .judging import SEMANTIC_RATIO, CaseResult, evaluate
+from .judging import REFUSED_ALTERNATIVES, SEMANTIC_RATIO, CaseResult, evaluate
 from .report import (
     GroupReport,
     audit,
@@ -39,6 +44,8 @@ from .report import (
     print_table,
     quiet_warnings,
     report_json,
+    summary,
+    summary_line,
 )
 from .shrinking import shrink, snippet
 from .targets import (
@@ -54,6 +61,7 @@ from .targets import (
 __all__ = [
     "CONVENTIONS",
     "GROUPS",
+    "REFUSED_ALTERNATIVES",
     "SEMANTIC_RATIO",
     "Backend",
     "Case",
@@ -74,6 +82,8 @@ __all__ = [
     "report_json",
     "shrink",
     "snippet",
+    "summary",
+    "summary_line",
     "torch_backends",
     "user_backend",
 ]

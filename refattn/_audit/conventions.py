@@ -110,8 +110,10 @@ def _window(keyword: str, case: Case, sides: tuple[int, int]) -> Param:
 
 def _torch_params(case: Case, a: Mapping[str, Array]) -> list[Param]:
     attn_mask = "mask" if case.mask is not None else "bias"
-    return [_array("attn_mask", case, a, attn_mask), _flag("is_causal", case.causal),
-            _number("scale", case.scale), _flag("enable_gqa", case.gqa)]
+    return [_array("attn_mask", case, a, attn_mask),
+            ("dropout_p", bool(case.dropout_p), case.dropout_p, repr(case.dropout_p)),
+            _flag("is_causal", case.causal), _number("scale", case.scale),
+            _flag("enable_gqa", case.gqa)]
 
 
 def _torch_options(case: Case, r: dict[str, np.ndarray]) -> dict[str, Any]:

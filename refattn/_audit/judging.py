@@ -9,7 +9,10 @@ checking that the backend matches the documented alternative semantics.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +21,7 @@ import numpy as np
 from .. import _tolerance
 from ..testing._baseline import EPS, numpy_rounder
 from ..testing._budget import compute_reference
+from . import dropout
 from .cases import Case, grad_out
 from .conventions import host_namespace
 
@@ -28,6 +32,7 @@ __all__ = [
     "GRAD_FACTOR",
     "LOW_PRECISION_FACTOR",
     "SEMANTIC_RATIO",
+    "REFUSED_ALTERNATIVES",
     "CaseResult",
     "apply_group_budget",
     "error_ratio",
@@ -109,6 +114,20 @@ def matches_zero_nan_rows(case: Case, inputs: dict[str, np.ndarray], actual: np.
     return _agrees(actual, patched, inputs, options, dtype)
 
 
+#: Documented behaviours of real libraries on inputs the reference semantics of a
+#: convention refuses, by convention: (name, predicate(case, inputs, actual, options,
+#: dtype) -> bool). They hold for every target of the convention (torch's own backends
+#: and user functions alike): a function that follows one is as right as the library it
+#: follows. Only the torch convention refuses cases the audit draws (an explicit mask
+#: together with is_causal); the flash, jax and flex conventions refuse none of theirs
+#: (jax.nn.dot_product_attention combines a mask with is_causal by AND, which is the
+#: jax convention's own semantics, not an alternative).
+REFUSED_ALTERNATIVES: dict[str, list[tuple[str, Callable[..., bool]]]] = {
+    "torch": [("explicit mask ANDed with is_causal, as torch's CPU fused path does",
+               matches_anded_causal)],
+}
+
+
 # --- one case -------------------------------------------------------------------------
 
 
@@ -131,6 +150,9 @@ class CaseResult:
     baselines: dict[str, float] = field(default_factory=dict)
     floors: dict[str, float] = field(default_factory=dict)
     detail: str = ""
+    # What the table shows for a case without errors to compare: "raised ValueError",
+    # "NaN", "shape", "refused by both", "returned where the oracle refuses", "empty".
+    brief: str = ""
     case: str = ""
     snippet: str = ""
     # Kept for the group's judgement, left out of the report.
@@ -142,7 +164,7 @@ class CaseResult:
         """The fields worth a JSON report."""
         return {name: getattr(self, name) for name in (
             "group", "backend", "dtype", "status", "errors", "budgets", "baselines",
-            "floors", "detail", "case", "snippet")}
+            "floors", "detail", "brief", "case", "snippet")}
 
     @property
     def ratio(self) -> float:
@@ -218,10 +240,17 @@ def evaluate(case: Case, backend: Backend, dtype_name: str, *, grad: bool = Fals
     the group budget is built from (None otherwise).
     """
     conv = backend.convention
-    res = CaseResult(case.group, backend.name, dtype_name, "ok", case=case.describe())
-    if case.dropout_p > 0 and backend.draws_own_dropout:
-        res.status, res.detail = "skipped", "draws its own dropout mask"
+    probing = case.dropout_p > 0 and backend.draws_own_dropout
+    if probing and conv.layout != "BHLD":
+        # No such convention has a dropout group: the probe reads weights heads first.
+        res = CaseResult(case.group, backend.name, dtype_name, "skipped",
+                         case=case.describe(), detail="draws its own dropout mask")
         return res, None
+    if probing:
+        # The target draws its own keep-mask and does not say which: it is checked on a
+        # probe built for that (see .dropout).
+        case = dropout.probe_case(case)
+    res = CaseResult(case.group, backend.name, dtype_name, "ok", case=case.describe())
     inputs = conv.inputs(case, dtype_name)
     try:
         options = conv.options(case, inputs)
@@ -233,34 +262,51 @@ def evaluate(case: Case, backend: Backend, dtype_name: str, *, grad: bool = Fals
         out_shape = _oracle(inputs, options).shape
         d_out = grad_out(case, out_shape, dtype_name)
     actual_error: Exception | None = None
+    draws: list[np.ndarray] = []
     try:
-        with np.errstate(all="ignore"):
+        with np.errstate(all="ignore"), (dropout.seeded(
+                backend.library.name, zlib.crc32(f"{res.case} {dtype_name}".encode()))
+                if probing else contextlib.nullcontext()):
             got = backend.run(case, inputs, dtype_name, d_out)
+            if probing:
+                draws = [backend.run(case, inputs, dtype_name, None).out
+                         for _ in range(dropout.DRAWS - 1)]
     except TypeError as exc:
         if "unexpected keyword argument" in str(exc) or "positional argument" in str(exc):
             res.status, res.detail = "unsupported", f"the target does not take it: {exc}"
+            res.brief = "the target does not take it"
             return res, None
         got, actual_error = None, exc
     except Exception as exc:  # noqa: BLE001 - any crash of the target is reported
         got, actual_error = None, exc
+    if probing and actual_error is not None and dropout.refuses(actual_error):
+        res.status, res.brief = "unsupported", "not supported by the target"
+        res.detail = f"not supported by the target: {actual_error!r}"
+        return res, None
     actual, grads = (None, None) if got is None else (got.out, got.grads)
     if got is not None and got.dropout_mask is not None and options is not None:
         # The implementation drew its own dropout and told us which weights it kept.
         options["dropout_mask"] = got.dropout_mask
-    if oracle_error is not None or actual_error is not None:
-        if oracle_error is not None and actual_error is not None:
-            res.detail = "both refuse"
-            return res, None
-        if actual is not None:
-            for name, pred in backend.known:
-                if pred(case, inputs, actual, options, dtype_name):
-                    res.status, res.detail = "known", name
-                    return res, None
-        res.status = "semantic"
-        res.detail = (f"the oracle refuses the case: {oracle_error}" if oracle_error is not None
-                      else f"{backend.name} raised {actual_error!r}")
+    if oracle_error is not None:
+        _judge_refused(res, case, backend, inputs, actual, actual_error, oracle_error,
+                       dtype_name)
+        return res, None
+    if actual_error is not None:
+        res.status, res.brief = "semantic", f"raised {type(actual_error).__name__}"
+        res.detail = f"{backend.name} raised {actual_error!r} where the oracle returns"
         return res, None
     assert options is not None and actual is not None
+    if probing:
+        no_dropout = {n: x for n, x in options.items() if n not in ("dropout_p", "dropout_mask")}
+        expected = _oracle(inputs, no_dropout)
+        if all(x.shape == expected.shape for x in (actual, *draws)):
+            finding = dropout.judge_draws(case, inputs, expected, [actual, *draws],
+                                          dtype_name)
+            if finding.brief:
+                res.status, res.brief, res.detail = "semantic", finding.brief, finding.detail
+                return res, None
+            # The first call is judged exactly, against the keep-mask read back from it.
+            options["dropout_mask"] = finding.keep
     ref = compute_reference(
         inputs["q"], inputs["k"], inputs["v"], kind=dtype_name, options=options,
         grad_out=d_out, round_to=None if dtype_name in ("float32", "float64")
@@ -275,12 +321,22 @@ def evaluate(case: Case, backend: Backend, dtype_name: str, *, grad: bool = Fals
             for known_name, pred in backend.known:
                 if name == "out" and pred(case, inputs, value, options, dtype_name):
                     res.status, res.detail = "known", known_name
+                    res.brief = known_name
                     return res, None
             res.status = "semantic"
-            res.detail = (f"{name}: shape {value.shape}, the oracle's {expected.shape}"
-                          if value.shape != expected.shape else
-                          _nan_detail(name, value, expected, inputs, options, backend.name))
+            if value.shape != expected.shape:
+                res.brief = "shape"
+                res.detail = f"{name}: shape {value.shape}, the oracle's {expected.shape}"
+            else:
+                res.brief = ("NaN" if (np.isnan(value) & ~np.isnan(expected)).any()
+                             else "finite for NaN")
+                res.detail = _nan_detail(name, value, expected, inputs, options,
+                                         backend.name)
             return res, None
+        if value.size == 0:
+            # An empty tensor equals the oracle's (same shape) and has no error to
+            # weigh: the row says so rather than showing a 0 / 0.
+            continue
         res.errors[name] = _tolerance.max_abs_error(value, expected)
         if dtype_name == "float64":
             res.budgets[name] = ref.bound[name]
@@ -289,9 +345,51 @@ def evaluate(case: Case, backend: Backend, dtype_name: str, *, grad: bool = Fals
             res.floors[name] = ref.floor[name]
             factor = LOW_PRECISION_FACTOR if name == "out" else GRAD_FACTOR
             res.budgets[name] = ref.budget(name, factor)[0]  # per case; see audit
+    if not res.errors:
+        res.brief = "empty"
+        res.detail = "nothing to compare: empty outputs"
+        return res, None
     res.actual, res.inputs, res.options = actual, inputs, options
     _judge(res, case, ref)
     return res, ref
+
+
+def _returned(actual: np.ndarray) -> str:
+    # A few words on an output, for a detail line.
+    nan = int(np.isnan(actual).sum())
+    finite = np.abs(actual[np.isfinite(actual)])
+    size = f"max |out| {float(finite.max()):.3g}" if finite.size else "no finite entry"
+    return (f"an output of shape {actual.shape} ({size}"
+            + (f", {nan} NaN" if nan else "") + ")")
+
+
+def _judge_refused(res: CaseResult, case: Case, backend: Backend,
+                   inputs: dict[str, np.ndarray], actual: np.ndarray | None,
+                   actual_error: Exception | None, oracle_error: Exception,
+                   dtype_name: str) -> None:
+    """The verdict on a case the reference semantics refuses.
+
+    Refusing it too is right; returning what a real library documents for it is a known
+    deviation, named after that library; anything else is a semantic difference.
+    """
+    if actual is None:
+        res.brief = "refused by both"
+        res.detail = (f"refused by both: the oracle ({oracle_error}); {backend.name} "
+                      f"raised {type(actual_error).__name__}")
+        return
+    known = [*REFUSED_ALTERNATIVES.get(backend.convention.name, []), *backend.known]
+    for name, pred in known:
+        if pred(case, inputs, actual, None, dtype_name):
+            res.status, res.detail, res.brief = "known", name, name
+            return
+    res.status, res.brief = "semantic", "returned where the oracle refuses"
+    alternatives = "; ".join(name for name, _ in known)
+    # The refusal's first clause says what is refused; the rest is advice for callers.
+    refusal = str(oracle_error).split(";")[0]
+    res.detail = (f"the oracle refuses the case ({refusal}) and {backend.name} "
+                  f"returned {_returned(actual)}, which is not "
+                  + (f"a documented alternative ({alternatives})" if alternatives else
+                     "refusing it"))
 
 
 def _judge(res: CaseResult, case: Case, ref: Any) -> None:

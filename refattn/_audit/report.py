@@ -22,7 +22,7 @@ from .shrinking import shrink_semantic
 from .targets import Backend
 
 __all__ = ["GroupReport", "audit", "plot", "print_failures", "print_table",
-           "quiet_warnings", "report_json"]
+           "quiet_warnings", "report_json", "summary", "summary_line"]
 
 # Semantic failures printed in full (with their snippet); the JSON report has them all.
 _SHOWN = 5
@@ -30,7 +30,12 @@ _SHOWN = 5
 
 @dataclass
 class GroupReport:
-    """One (group, backend, dtype) cell of the table."""
+    """One (group, backend, dtype) cell of the table.
+
+    ``worst_*`` describe the case the row shows: on a failing row the worst failing case
+    (its error and budget, or ``worst_note`` when it failed without an error to weigh:
+    "raised ValueError", "NaN", "shape", ...), otherwise the worst passing case.
+    """
 
     group: str
     backend: str
@@ -40,12 +45,18 @@ class GroupReport:
     worst_error: float = 0.0
     worst_budget: float = 0.0
     worst_tensor: str = ""
+    worst_note: str = ""
+    compared: int = 0
     verdict: str = "ok"
     results: list[CaseResult] = field(default_factory=list)
 
     @property
     def failures(self) -> list[CaseResult]:
         return [r for r in self.results if r.status in ("precision", "semantic", "known")]
+
+    def count(self, status: str) -> int:
+        """How many of the row's cases have ``status``."""
+        return sum(r.status == status for r in self.results)
 
 
 def audit(
@@ -82,6 +93,25 @@ def audit(
     return reports
 
 
+def _show_worst(rep: GroupReport, pool: list[CaseResult]) -> None:
+    # The row's worst case among `pool`: the largest error / budget, or, where no case of
+    # the pool has an error to weigh, the short form of the first one's failure.
+    numeric = [r for r in pool if r.errors]
+    if not numeric:
+        rep.worst_note = pool[0].brief or pool[0].status if pool else ""
+        return
+    worst = max(numeric, key=lambda r: r.ratio)
+    name = worst.worst or "out"
+    rep.worst_ratio, rep.worst_error = worst.ratio, worst.errors[name]
+    rep.worst_budget, rep.worst_tensor = worst.budgets.get(name, 0.0), name
+
+
+# Why a passing case has nothing in the error column, as the verdict words it: alone
+# (every case of the row) and counted next to compared ones.
+_UNCOMPARED = {"refused by both": ("refused by both", "refused by both"),
+               "empty": ("nothing to compare: empty outputs", "with empty outputs")}
+
+
 def _summarise(rep: GroupReport, evaluated: list[tuple[Case, CaseResult, Any]]) -> None:
     for _, r, _ in evaluated:
         rep.results.append(r)
@@ -89,19 +119,73 @@ def _summarise(rep: GroupReport, evaluated: list[tuple[Case, CaseResult, Any]]) 
             rep.verdict = f"{r.status} ({r.detail.split(':')[0]})"
             continue
         rep.cases += 1
-        if r.status == "ok" and r.errors and r.ratio >= rep.worst_ratio:
-            name = r.worst or "out"
-            rep.worst_ratio, rep.worst_error, rep.worst_budget = (
-                r.ratio, r.errors[name], r.budgets.get(name, 0.0))
-            rep.worst_tensor = name
-    statuses = {f.status for f in rep.failures}
-    if "semantic" in statuses:
-        rep.verdict = "FAIL (semantic)"
-    elif "precision" in statuses:
-        rep.verdict = "FAIL (precision)"
-    elif "known" in statuses:
+        rep.compared += bool(r.errors)
+    semantic, precision, known = (rep.count(s) for s in ("semantic", "precision", "known"))
+    if semantic or precision:
+        status = "semantic" if semantic else "precision"
+        _show_worst(rep, [r for r in rep.results if r.status == status])
+        rep.verdict = f"FAIL ({status}): {semantic or precision} of {rep.cases} cases"
+        if semantic and precision:
+            rep.verdict += f"; precision: {precision}"
+        return
+    _show_worst(rep, [r for r in rep.results if r.status == "ok"])
+    rep.worst_note = ""
+    uncompared = {words: sum(r.status == "ok" and r.brief == brief for r in rep.results)
+                  for brief, words in _UNCOMPARED.items()}
+    others = "".join(f"; {n} {words[1]}" for words, n in uncompared.items() if n)
+    if known:
         names = sorted({f.detail for f in rep.failures})
-        rep.verdict = "known deviation: " + "; ".join(names)
+        rep.verdict = (f"known deviation ({known} of {rep.cases} cases{others}): "
+                       + "; ".join(names))
+        return
+    alone = [words[0] for words, n in uncompared.items() if n == rep.cases]
+    if rep.cases and alone:
+        rep.verdict = f"ok ({alone[0]})"
+    elif others:
+        rep.verdict = f"ok ({rep.compared} compared{others})"
+
+
+def summary(reports: list[GroupReport]) -> dict[str, Any]:
+    """What the report counts: rows by verdict and cases by status.
+
+    Rows are (group, backend, dtype) cells; a row fails when one of its cases does, and
+    has known deviations when some of its cases are documented deviations and none fails.
+
+    Examples
+    --------
+    >>> summary([GroupReport("plain", "math", "float64", cases=3)])["rows"]
+    {'total': 1, 'ok': 1, 'fail': 0, 'known': 0, 'not checked': 0}
+    """
+    rows = {"total": len(reports), "ok": 0, "fail": 0, "known": 0, "not checked": 0}
+    for r in reports:
+        kind = r.verdict.split(" ")[0]
+        rows[{"FAIL": "fail", "known": "known", "skipped": "not checked",
+              "unsupported": "not checked"}.get(kind, "ok")] += 1
+    cases = {status: sum(r.count(status) for r in reports)
+             for status in ("semantic", "precision", "known")}
+    return {"rows": rows, **cases}
+
+
+def summary_line(reports: list[GroupReport]) -> str:
+    """The report's last line: rows by verdict, with the cases behind them.
+
+    Examples
+    --------
+    >>> summary_line([GroupReport("plain", "math", "float64", cases=3)])
+    '1 rows (group x backend x dtype): 1 ok, 0 FAIL, 0 with known deviations'
+    """
+    s = summary(reports)
+    rows = s["rows"]
+    fail = f"{rows['fail']} FAIL"
+    if rows["fail"]:
+        fail += f" ({s['semantic']} cases semantic, {s['precision']} precision)"
+    known = f"{rows['known']} with known deviations"
+    if rows["known"]:
+        known += f" ({s['known']} cases)"
+    parts = [f"{rows['ok']} ok", fail, known]
+    if rows["not checked"]:
+        parts.append(f"{rows['not checked']} skipped or unsupported")
+    return f"{rows['total']} rows (group x backend x dtype): " + ", ".join(parts)
 
 
 @contextlib.contextmanager
@@ -118,7 +202,9 @@ def quiet_warnings() -> Iterator[None]:
 
 
 def _ratio_text(r: GroupReport) -> str:
-    if not r.cases or not r.worst_budget:
+    if r.worst_note:
+        return r.worst_note
+    if not r.compared:
         return "-"
     tensor = f" ({r.worst_tensor})" if r.worst_tensor and r.worst_tensor != "out" else ""
     return f"{r.worst_error:.2e} / {r.worst_budget:.2e}{tensor}"
@@ -135,6 +221,9 @@ def print_table(reports: list[GroupReport], out: TextIO) -> None:
     print("  ".join("-" * w for w in widths), file=out)
     for row in rows:
         print(line.format(*row).rstrip(), file=out)
+    print("(cases: per row, those run; worst error / budget: on a FAIL row the worst "
+          "failing case,\n otherwise the worst passing one; '-' where no case had an output "
+          "to compare, the verdict says why)", file=out)
 
 
 def print_failures(reports: list[GroupReport], out: TextIO) -> None:
@@ -152,8 +241,9 @@ def print_failures(reports: list[GroupReport], out: TextIO) -> None:
                       + f.snippet.replace("\n", "\n    "), file=out)
         others = len(semantic) - shown
         if others:
-            print(f"\n  ... and {others} more semantic failures (cases in the JSON report):",
-                  file=out)
+            more = f"... and {others} more semantic failures" if shown else \
+                f"{others} semantic failures without a repro snippet"
+            print(f"\n  {more} (cases in the JSON report):", file=out)
             for r, f in [x for x in semantic if not x[1].snippet][:_SHOWN]:
                 print(f"  - {r.group} / {r.backend} / {r.dtype}: {f.detail}", file=out)
     if precision:
@@ -191,13 +281,39 @@ def report_json(reports: list[GroupReport], meta: dict[str, Any]) -> dict[str, A
             "group": r.group, "backend": r.backend, "dtype": r.dtype, "cases": r.cases,
             "worst_ratio": r.worst_ratio, "worst_error": r.worst_error,
             "worst_budget": r.worst_budget, "worst_tensor": r.worst_tensor,
+            "worst_note": r.worst_note, "compared": r.compared,
             "verdict": r.verdict, "results": [x.to_dict() for x in r.results],
         })
     return _json_safe({**meta, "cells": cells})
 
 
-def plot(reports: list[GroupReport], path: str, title: str) -> None:
-    """Draw every case's error / budget per group, one panel per dtype, to ``path``."""
+#: The plot's vertical range: ratios below are drawn at the floor (an exact result's 0
+#: included), ratios above at the ceiling, with their own marker.
+PLOT_FLOOR, PLOT_CEILING = 1e-4, 1e4
+
+
+def _short(x: float) -> str:
+    # 1e4 rather than 10000 or 1e+04.
+    return f"{x:.0e}".replace("e+0", "e").replace("e-0", "e-")
+
+
+def plot(reports: list[GroupReport], path: str, title: str) -> int:
+    """Draw every case's error / budget per group, one panel per dtype, to ``path``.
+
+    Ratios above ``PLOT_CEILING`` (1e4), an error without a budget included, are drawn at
+    the ceiling as triangles, and the title and legend say so. Returns how many were.
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> from refattn._audit.judging import CaseResult
+    >>> over = CaseResult("plain", "mine", "float32", "semantic", errors={"out": 2.0},
+    ...                   budgets={"out": 1e-6})
+    >>> rep = GroupReport("plain", "mine", "float32", cases=1, results=[over])
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     plot([rep], os.path.join(d, "errors.png"), "example")
+    1
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -210,10 +326,10 @@ def plot(reports: list[GroupReport], path: str, title: str) -> None:
                                                         2.8 * len(dtypes) + 1),
                              squeeze=False, sharex=True)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    floor = 1e-4
+    clipped = 0
     for ax, dtype in zip(axes[:, 0], dtypes, strict=True):
         for b_index, backend in enumerate(backends):
-            xs, ys = [], []
+            xs, ys, over = [], [], []
             for r in reports:
                 if r.dtype != dtype or r.backend != backend:
                     continue
@@ -221,21 +337,40 @@ def plot(reports: list[GroupReport], path: str, title: str) -> None:
                 for res in r.results:
                     for name, err in res.errors.items():
                         ratio = error_ratio(err, res.budgets.get(name, 0.0))
-                        xs.append(x)
-                        ys.append(min(max(ratio, floor), 1e4))
-            ax.scatter(xs, ys, s=12, alpha=0.6, color=colors[b_index % len(colors)],
-                       label=backend)
+                        if ratio > PLOT_CEILING:
+                            over.append(x)
+                        else:
+                            xs.append(x)
+                            ys.append(max(ratio, PLOT_FLOOR))
+            color = colors[b_index % len(colors)]
+            ax.scatter(xs, ys, s=12, alpha=0.6, color=color, label=backend)
+            if over:
+                clipped += len(over)
+                ax.scatter(over, [PLOT_CEILING] * len(over), s=40, marker="^",
+                           color=color, edgecolors="black", linewidths=0.5,
+                           label=f"{backend}: above {_short(PLOT_CEILING)}, drawn at "
+                           f"{_short(PLOT_CEILING)} ({len(over)})")
         ax.axhline(1.0, color="black", linewidth=1)
         ax.text(-0.45, 1.15, "budget", ha="left", va="bottom", fontsize=8)
         ax.set_yscale("log")
-        ax.set_ylim(floor / 2, 2e4)
+        ax.set_ylim(PLOT_FLOOR / 2, PLOT_CEILING * 4)
         ax.set_ylabel(f"{dtype}\nerror / budget")
         ax.grid(axis="y", alpha=0.3)
-    axes[0, 0].legend(loc="upper right", fontsize=8, ncol=len(backends))
-    axes[0, 0].set_title(f"{title}: error / budget per case and tensor "
-                         f"(exact results drawn at {floor:g})", fontsize=10)
+        if ax is not axes[0, 0] and any("above" in label for label in
+                                        ax.get_legend_handles_labels()[1]):
+            ax.legend(loc="best", fontsize=8)  # this panel's triangles, named
+    axes[0, 0].legend(loc="best", fontsize=8, ncol=len(backends))
+    note = f"exact results drawn at {_short(PLOT_FLOOR)}"
+    if clipped:
+        note += (f"; {clipped} ratios above {_short(PLOT_CEILING)} drawn at "
+                 f"{_short(PLOT_CEILING)}, as triangles")
+    axes[0, 0].set_title(f"{title}: error / budget per case and tensor\n({note})",
+                         fontsize=10)
+    # Room for the "budget" label left of the first group, whatever the number of groups.
+    axes[-1, 0].set_xlim(-0.6, len(groups) - 0.4)
     axes[-1, 0].set_xticks(range(len(groups)))
     axes[-1, 0].set_xticklabels(groups, rotation=30, ha="right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return clipped
