@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 import refattn
 from refattn._tolerance import gradient_rounding_bound, rounding_bound
-from tests.helpers.paths import blocked_attention
+from tests.helpers.paths import blocked_attention, blocked_attention_backward
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
@@ -239,6 +239,100 @@ def test_random_non_finite_placement(where, value, row, col, dim, causal, seed):
         {"q": q, "k": k, "v": v}[where][0, 1, row if where == "q" else col, dim] = value
     _check_all(q, k, v, bias=bias, causal=causal) if not causal else _check_all(
         q, k, v, bias=np.where(np.tril(np.ones((10, 11), bool)), bias, -np.inf))
+
+
+
+# --- NaN and infinity in the backward ---------------------------------------------------
+# docs/semantics.rst ("Non-finite values"): the gradients are those of torch's math
+# backend by autograd, where every (query, key) pair takes part; a masked pair has weight
+# 0 (NaN on a row made NaN), and 0 times a NaN or an infinity is NaN.
+
+
+def _grads_all(grad_out, q, k, v, **options):
+    """The gradients on every path, the blocked one also with small blocks (whole key
+    blocks skipped: the causal triangle's, and a random mask's where it hides one)."""
+    results = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for name, path in PATHS.items():
+            results[name] = refattn.attention_backward(grad_out, q, k, v, **path, **options)
+        results["blocked-small"] = blocked_attention_backward(
+            grad_out, q, k, v, out=None, lse=None, scale=q.shape[-1] ** -0.5,
+            allowed=options.get("mask"), bias=options.get("bias"),
+            causal=options.get("causal", False), block_l=3, block_s=4, xp=np)
+    return results
+
+
+def _check_grads(q, k, v, grad_out=None, **options):
+    if grad_out is None:
+        grad_out = np.random.default_rng(11).standard_normal(q.shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        expected = _torch_math_grads(q, k, v, grad_out, causal=options.get("causal", False),
+                                     mask=options.get("mask"), bias=options.get("bias"))
+    finite = [np.where(np.isfinite(x), x, 0.0) for x in (q, k, v, grad_out)]
+    bias = options.get("bias")
+    bound = gradient_rounding_bound(
+        *finite, scale=q.shape[-1] ** -0.5,
+        bias=None if bias is None else np.where(np.isfinite(bias), bias, 0.0),
+        bias_shape=None if bias is None else bias.shape)
+    for name, grads in _grads_all(grad_out, q, k, v, **options).items():
+        for what, got, want in zip(("dq", "dk", "dv", "dbias"), grads, expected,
+                                   strict=True):
+            if want is not None:
+                try:
+                    _same_pattern(got, want, bound[what])
+                except AssertionError as exc:
+                    raise AssertionError(f"{name} {what}") from exc
+
+
+@pytest.mark.parametrize("where", ["q", "k", "v", "grad_out"])
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("masking", ["causal", "mask", None])
+def test_a_non_finite_entry_in_the_backward(where, value, masking):
+    # Key 5 of 12 (query 5 for q and dO), which rows 0..4 may not attend (causal): a NaN
+    # query row makes dK and dV of every key NaN, masked keys included; an infinite key
+    # entry makes its column of dQ NaN in every row (0 * inf); a non-finite value makes
+    # dQ and dK NaN everywhere (through rowsum(dO * O)).
+    q, k, v = _qkv((1, 2, 12, 4), 12, seed=12)
+    grad_out = np.random.default_rng(13).standard_normal(q.shape)
+    {"q": q, "k": k, "v": v, "grad_out": grad_out}[where][0, 1, 5, 2] = value
+    options = {}
+    if masking == "causal":
+        options["causal"] = True
+    elif masking == "mask":
+        options["mask"] = np.random.default_rng(5).random((12, 12)) < 0.5
+    _check_grads(q, k, v, grad_out, **options)
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("at", [(2, 9), (9, 2)])  # above and below the diagonal
+def test_a_non_finite_bias_entry_in_the_backward(value, at):
+    # A NaN or +inf bias entry makes its row's weights NaN at every key: dK and dV of
+    # every key, and the whole row of d bias, are NaN; -inf masks.
+    q, k, v = _qkv((1, 1, 12, 4), 12, seed=14)
+    bias = np.where(np.tril(np.ones((12, 12), bool)), 0.0, -np.inf)
+    bias[at] = value
+    _check_grads(q, k, v, bias=bias)
+
+
+@given(
+    where=st.sampled_from(["q", "k", "v", "bias"]),
+    value=st.sampled_from([math.nan, math.inf, -math.inf]),
+    row=st.integers(0, 9), col=st.integers(0, 10), dim=st.integers(0, 2),
+    causal=st.booleans(), seed=st.integers(0, 2**16),
+)
+def test_random_non_finite_placement_in_the_backward(where, value, row, col, dim, causal,
+                                                      seed):
+    q, k, v = _qkv((1, 2, 10, 3), 11, seed=seed)
+    bias = np.random.default_rng(seed + 1).standard_normal((10, 11))
+    if causal:
+        bias = np.where(np.tril(np.ones((10, 11), bool)), bias, -np.inf)
+    if where == "bias":
+        bias[row, col] = value
+    else:
+        {"q": q, "k": k, "v": v}[where][0, 1, row if where == "q" else col, dim] = value
+    _check_grads(q, k, v, bias=bias)
 
 
 # --- the CUDA kernels, run by the CPU shim ----------------------------------------------
