@@ -10,6 +10,7 @@ values") applied by hand; never from the code under test.
 from __future__ import annotations
 
 import math
+import os
 import warnings
 
 import numpy as np
@@ -19,7 +20,7 @@ from hypothesis import strategies as st
 
 import refattn
 from refattn._tolerance import gradient_rounding_bound, rounding_bound
-from tests.helpers.paths import blocked_attention
+from tests.helpers.paths import blocked_attention, blocked_attention_backward
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
@@ -238,3 +239,240 @@ def test_random_non_finite_placement(where, value, row, col, dim, causal, seed):
         {"q": q, "k": k, "v": v}[where][0, 1, row if where == "q" else col, dim] = value
     _check_all(q, k, v, bias=bias, causal=causal) if not causal else _check_all(
         q, k, v, bias=np.where(np.tril(np.ones((10, 11), bool)), bias, -np.inf))
+
+
+
+# --- NaN and infinity in the backward ---------------------------------------------------
+# docs/semantics.rst ("Non-finite values"): the gradients are those of torch's math
+# backend by autograd, where every (query, key) pair takes part; a masked pair has weight
+# 0 (NaN on a row made NaN), and 0 times a NaN or an infinity is NaN.
+
+
+def _grads_all(grad_out, q, k, v, **options):
+    """The gradients on every path, the blocked one also with small blocks (whole key
+    blocks skipped: the causal triangle's, and a random mask's where it hides one)."""
+    results = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for name, path in PATHS.items():
+            results[name] = refattn.attention_backward(grad_out, q, k, v, **path, **options)
+        results["blocked-small"] = blocked_attention_backward(
+            grad_out, q, k, v, out=None, lse=None, scale=q.shape[-1] ** -0.5,
+            allowed=options.get("mask"), bias=options.get("bias"),
+            causal=options.get("causal", False), block_l=3, block_s=4, xp=np)
+    return results
+
+
+def _check_grads(q, k, v, grad_out=None, **options):
+    if grad_out is None:
+        grad_out = np.random.default_rng(11).standard_normal(q.shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        expected = _torch_math_grads(q, k, v, grad_out, causal=options.get("causal", False),
+                                     mask=options.get("mask"), bias=options.get("bias"))
+    finite = [np.where(np.isfinite(x), x, 0.0) for x in (q, k, v, grad_out)]
+    bias = options.get("bias")
+    bound = gradient_rounding_bound(
+        *finite, scale=q.shape[-1] ** -0.5,
+        bias=None if bias is None else np.where(np.isfinite(bias), bias, 0.0),
+        bias_shape=None if bias is None else bias.shape)
+    for name, grads in _grads_all(grad_out, q, k, v, **options).items():
+        for what, got, want in zip(("dq", "dk", "dv", "dbias"), grads, expected,
+                                   strict=True):
+            if want is not None:
+                try:
+                    _same_pattern(got, want, bound[what])
+                except AssertionError as exc:
+                    raise AssertionError(f"{name} {what}") from exc
+
+
+@pytest.mark.parametrize("where", ["q", "k", "v", "grad_out"])
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("masking", ["causal", "mask", None])
+def test_a_non_finite_entry_in_the_backward(where, value, masking):
+    # Key 5 of 12 (query 5 for q and dO), which rows 0..4 may not attend (causal): a NaN
+    # query row makes dK and dV of every key NaN, masked keys included; an infinite key
+    # entry makes its column of dQ NaN in every row (0 * inf); a non-finite value makes
+    # dQ and dK NaN everywhere (through rowsum(dO * O)).
+    q, k, v = _qkv((1, 2, 12, 4), 12, seed=12)
+    grad_out = np.random.default_rng(13).standard_normal(q.shape)
+    {"q": q, "k": k, "v": v, "grad_out": grad_out}[where][0, 1, 5, 2] = value
+    options = {}
+    if masking == "causal":
+        options["causal"] = True
+    elif masking == "mask":
+        options["mask"] = np.random.default_rng(5).random((12, 12)) < 0.5
+    _check_grads(q, k, v, grad_out, **options)
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("at", [(2, 9), (9, 2)])  # above and below the diagonal
+def test_a_non_finite_bias_entry_in_the_backward(value, at):
+    # A NaN or +inf bias entry makes its row's weights NaN at every key: dK and dV of
+    # every key, and the whole row of d bias, are NaN; -inf masks.
+    q, k, v = _qkv((1, 1, 12, 4), 12, seed=14)
+    bias = np.where(np.tril(np.ones((12, 12), bool)), 0.0, -np.inf)
+    bias[at] = value
+    _check_grads(q, k, v, bias=bias)
+
+
+@given(
+    where=st.sampled_from(["q", "k", "v", "bias"]),
+    value=st.sampled_from([math.nan, math.inf, -math.inf]),
+    row=st.integers(0, 9), col=st.integers(0, 10), dim=st.integers(0, 2),
+    causal=st.booleans(), seed=st.integers(0, 2**16),
+)
+def test_random_non_finite_placement_in_the_backward(where, value, row, col, dim, causal,
+                                                      seed):
+    q, k, v = _qkv((1, 2, 10, 3), 11, seed=seed)
+    bias = np.random.default_rng(seed + 1).standard_normal((10, 11))
+    if causal:
+        bias = np.where(np.tril(np.ones((10, 11), bool)), bias, -np.inf)
+    if where == "bias":
+        bias[row, col] = value
+    else:
+        {"q": q, "k": k, "v": v}[where][0, 1, row if where == "q" else col, dim] = value
+    _check_grads(q, k, v, bias=bias)
+
+
+# --- the CUDA kernels, run by the CPU shim ----------------------------------------------
+# The kernels skip the key blocks a mask hides, so a problem with a NaN or infinity goes
+# to the array-API paths (docs/gpu.rst); the shim runs the unchanged kernel sources on
+# NumPy arrays, as tests/cuda does, so the routing is exercised without a GPU.
+
+
+def _torch_math_grads(q, k, v, grad_out, *, causal=False, mask=None, bias=None):
+    """dq, dk, dv (and d bias) of torch's math SDPA by autograd in float64."""
+    leaves = [torch.from_numpy(x.copy()).requires_grad_() for x in (q, k, v)]
+    attn_mask = None if mask is None else torch.from_numpy(mask)
+    if bias is not None:
+        attn_mask = torch.from_numpy(bias.copy()).requires_grad_()
+        leaves.append(attn_mask)
+    with sdpa_kernel(SDPBackend.MATH):
+        out = F.scaled_dot_product_attention(*leaves[:3], attn_mask=attn_mask,
+                                             is_causal=causal)
+    out.backward(torch.from_numpy(grad_out))
+    grads = [x.grad.numpy() for x in leaves]
+    return (*grads, None) if bias is None else tuple(grads)
+
+
+@pytest.fixture(scope="module")
+def _shim_build_cache(tmp_path_factory):
+    # The shim's builds in a directory of this session unless one is set, as tests/cuda
+    # keeps them out of the user's cache.
+    from refattn._cuda_shim import compiler
+
+    if compiler() is None:
+        if os.environ.get("CI"):
+            pytest.fail("no C++ compiler (g++) for the CPU shim (CI must provide it)")
+        pytest.skip("no C++ compiler (g++) for the CPU shim")
+    if os.environ.get("REFATTN_CUSHIM_CACHE"):
+        yield
+        return
+    os.environ["REFATTN_CUSHIM_CACHE"] = str(tmp_path_factory.mktemp("cushim"))
+    try:
+        yield
+    finally:
+        del os.environ["REFATTN_CUSHIM_CACHE"]
+
+
+@pytest.fixture
+def kernel_calls(_shim_build_cache, monkeypatch):
+    """NumPy inputs go to the kernels, built by the shim; records the kernels that ran."""
+    from refattn._cuda import _modules, _paths
+    from refattn._cuda_shim import ShimModule, serve_numpy_arrays
+
+    calls: list[str] = []
+    for name in ("flash_attention", "flash_attention_backward"):
+        real = getattr(_paths, name)
+
+        def counting(*args, _real=real, _name=name, **kwargs):
+            calls.append(_name)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(_paths, name, counting)
+    with _modules.module_factory(ShimModule), serve_numpy_arrays():
+        yield calls
+
+
+# L = S = 70 is three key tiles of the kernels: causal rows 0..31 skip the last two.
+_KERNEL_CASES = {
+    "nan k at a hidden key": ("k", (0, 0, 66, 2), math.nan),
+    "inf k at a hidden key": ("k", (0, 0, 66, 2), math.inf),
+    "nan v at a hidden key": ("v", (0, 0, 66, 2), math.nan),
+    "-inf v at a hidden key": ("v", (0, 0, 66, 2), -math.inf),
+    "nan q": ("q", (0, 1, 5, 0), math.nan),
+    "nan bias at a hidden key": ("bias", (3, 60), math.nan),
+    "+inf bias at a hidden key": ("bias", (3, 60), math.inf),
+}
+
+
+def _kernel_problem(case):
+    where, at, value = _KERNEL_CASES[case]
+    q, k, v = _qkv((1, 2, 70, 8), 70, seed=9)
+    grad_out = np.random.default_rng(10).standard_normal(q.shape)
+    options = dict(causal=True)
+    if where == "bias":
+        options = dict(bias=np.where(np.tril(np.ones((70, 70), bool)), 0.0, -np.inf))
+        options["bias"][at] = value
+    else:
+        {"q": q, "k": k, "v": v}[where][at] = value
+    return q, k, v, grad_out, options
+
+
+@pytest.mark.parametrize("case", list(_KERNEL_CASES))
+def test_kernels_leave_non_finite_inputs_to_the_array_api_paths(kernel_calls, case):
+    q, k, v, grad_out, options = _kernel_problem(case)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        out = refattn.attention(q, k, v, **options)
+        grads = refattn.attention_backward(grad_out, q, k, v, **options)
+        expected = _torch_math(q, k, v, **options)
+        expected_grads = _torch_math_grads(q, k, v, grad_out, **options)
+    assert kernel_calls == []
+    finite = [np.where(np.isfinite(x), x, 0.0) for x in (q, k, v)]
+    _same_pattern(out, expected, rounding_bound(*finite, scale=8 ** -0.5))
+    for got, want in zip(grads, expected_grads, strict=True):
+        if want is not None:
+            _same_pattern(got, want, np.inf)
+    # Asked for by name, the kernels refuse and say why rather than skip the NaN.
+    with pytest.raises(ValueError, match="non-finite inputs"):
+        refattn.attention(q, k, v, implementation="cuda", **options)
+    with pytest.raises(ValueError, match="non-finite inputs"):
+        refattn.attention_backward(grad_out, q, k, v, implementation="cuda", **options)
+
+
+@pytest.mark.parametrize("what", ["grad_out", "output"])
+def test_kernels_leave_a_non_finite_saved_gradient_to_the_array_api_paths(kernel_calls,
+                                                                           what):
+    # dO (and a given output) meet every key in dV = P^T dO and rowsum(dO * O): a NaN
+    # in row 3 reaches dV of the keys that row may not attend (0 * NaN), on the
+    # direct path as in torch's autograd.
+    q, k, v, grad_out, _ = _kernel_problem("nan q")
+    q[0, 1, 5, 0] = 0.0
+    res = refattn.attention(q, k, v, causal=True, implementation="direct", return_lse=True)
+    output = res.out.copy()
+    {"grad_out": grad_out, "output": output}[what][0, 0, 3, 1] = math.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        grads = refattn.attention_backward(grad_out, q, k, v, causal=True, output=output,
+                                           lse=res.lse)
+        direct = refattn.attention_backward(grad_out, q, k, v, causal=True, output=output,
+                                            lse=res.lse, implementation="direct")
+    assert kernel_calls == []
+    assert np.isnan(direct.dk[0, 0, 60]).all()
+    for got, want in zip(grads[:3], direct[:3], strict=True):
+        _same_pattern(got, want, np.inf)
+    with pytest.raises(ValueError, match="non-finite inputs"):
+        refattn.attention_backward(grad_out, q, k, v, causal=True, output=output,
+                                   lse=res.lse, implementation="cuda")
+
+
+def test_kernels_still_take_finite_problems_and_minus_inf_masks(kernel_calls):
+    # The check routes only what it must: -inf in the bias masks, it is no NaN.
+    q, k, v, grad_out, options = _kernel_problem("nan bias at a hidden key")
+    options["bias"][3, 60] = -math.inf
+    refattn.attention(q, k, v, **options)
+    refattn.attention_backward(grad_out, q, k, v, **options)
+    # The backward, given no output, recomputes it with the forward kernel.
+    assert kernel_calls == ["flash_attention", "flash_attention", "flash_attention_backward"]

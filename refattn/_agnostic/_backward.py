@@ -129,6 +129,13 @@ def direct_backward(problem: AttentionProblem, grad_out: Array, *, out: Array | 
     # rowsum(P * dP) = sum_j P_j keep_j/(1-p) (dO . v_j) = dO . O: dropout needs no
     # separate term, and a fused kernel needs only its saved output.
     D = xp.sum(grad_out * out, axis=-1, keepdims=True)
+    if not bool(xp.all(xp.isfinite(grad_out))):
+        # torch's softmax backward sums P * dP over every key, masked ones included:
+        # on a row where dO holds a NaN or an infinity, 0 * inf makes that sum NaN where
+        # dO . O need not be (docs/semantics.rst, "Non-finite values"). Only then is the
+        # (..., L, S) product formed; the rows with a finite dO keep dO . O.
+        torch_d = xp.sum(weights * d_weights, axis=-1, keepdims=True)
+        D = xp.where(xp.all(xp.isfinite(grad_out), axis=-1, keepdims=True), D, torch_d)
     d_scores = weights * (d_weights - D)
     if all_dropped:
         # dropout_p = 1 makes the output identically zero, whatever the inputs (even

@@ -14,6 +14,8 @@ from .._results import AttentionGrads, AttentionResult
 from .._types import Array
 from ._backward import flash_attention_backward
 from ._forward import flash_attention
+from ._launch import UnsupportedLaunch
+from ._support import NON_FINITE, all_finite
 
 if TYPE_CHECKING:
     from .._problem import AttentionProblem
@@ -45,6 +47,13 @@ def backward(problem: AttentionProblem, grad_out: Array, *, out: Array | None,
     """The fused backward, from the saved output and LSE when given (else the fused
     forward's); d bias at the full score shape (the caller reduces it to the bias's)."""
     p, xp = problem, problem.xp
+    # A NaN or infinity in dO (or a given output, or a NaN LSE) reaches dQ, dK and dV
+    # through the masked pairs too (0 * NaN): the array-API paths follow that rule, the
+    # kernels skip the hidden blocks (``_support.finite_inputs``; q, k, v and the bias
+    # were checked by ``unsupported`` already). An LSE of -inf marks a masked row.
+    nan_lse = lse is not None and bool(xp.any(xp.isnan(lse)))
+    if nan_lse or not all_finite(xp, grad_out, out):
+        raise UnsupportedLaunch(NON_FINITE)
     if out is None or lse is None:
         fwd = forward(p, need_lse=True)
         out = fwd.out if out is None else out

@@ -9,16 +9,19 @@ backward kernels implement the same options.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .._types import Array
 from ._launch import MAX_HEAD_DIM
 
 if TYPE_CHECKING:
     from .._problem import AttentionProblem
 
-__all__ = ["SUPPORTED_OPTIONS", "supported_options", "unsupported", "unsupported_option"]
+__all__ = ["NON_FINITE", "SUPPORTED_OPTIONS", "all_finite", "finite_inputs", "supported_options",
+           "unsupported", "unsupported_option"]
 
 #: Options the kernels honour at any value (GQA is inferred from the shapes).
 #: ``mask_mod`` arrives as the boolean array the front door evaluates it to (ANDed into
@@ -133,8 +136,57 @@ def unsupported(problem: AttentionProblem, *, return_weights: bool) -> str | Non
     unknown = sorted(fields - _PROBLEM_FIELDS_TAKEN - _PROBLEM_FIELDS_CHECKED)
     if unknown:
         raise TypeError(f"unknown attention option {unknown[0]!r}")
-    return unsupported_option(
+    reason = unsupported_option(
         score_mod=problem.mods.score_mod, precision=problem.precision,
         return_weights=return_weights, head_dim=problem.shapes.E,
         value_head_dim=problem.shapes.Ev,
     )
+    if reason is None and not finite_inputs(problem):
+        return NON_FINITE
+    return reason
+
+
+#: Why a problem with NaN or infinity in its inputs goes to the array-API path.
+NON_FINITE = ("non-finite inputs (the kernels skip hidden blocks; use implementation=None, "
+              "'direct' or 'blocked')")
+
+
+def all_finite(xp: Any, *arrays: Array | None) -> bool:
+    """True when none of ``arrays`` (None skipped) holds a NaN or an infinity."""
+    return all(x is None or not math.prod(x.shape) or bool(xp.all(xp.isfinite(x)))
+               for x in arrays)
+
+
+def finite_inputs(problem: AttentionProblem) -> bool:
+    """True when q, k, v and the bias hold no NaN or infinity (the bias may hold -inf,
+    which masks) and no score can overflow.
+
+    docs/semantics.rst ("Non-finite values"): a NaN or +inf score, or a non-finite
+    value, reaches rows and columns through the masked pairs too, and the kernels never
+    visit the key blocks a mask hides. Rather than scan those blocks in-kernel, such a
+    problem goes to the array-API paths, which follow the rule: one pass over the inputs
+    (O((L + S) E), against the kernels' O(L S E)) decides, and finite problems, the
+    kernels' whole domain in practice, pay only that pass.
+
+    Overflow: |scale q . k| <= |scale| E max|q| max|k| (plus the largest bias; softcap
+    bounds a score by the cap); a bound below half the compute dtype's largest float
+    proves every score finite, otherwise the array-API path evaluates them.
+    """
+    xp = problem.xp
+    if not all_finite(xp, problem.q, problem.k, problem.v):
+        return False
+    bias, top = problem.bias_with_alibi, float(xp.finfo(problem.q.dtype).max)
+    bias_max = 0.0
+    if bias is not None and math.prod(bias.shape):
+        if bool(xp.any(xp.isnan(bias))):
+            return False
+        bias_max = max(float(xp.max(bias)), 0.0)
+        if bias_max == math.inf:
+            return False
+    largest = [float(xp.max(xp.abs(x))) if math.prod(x.shape) else 0.0
+               for x in (problem.q, problem.k)]
+    bound = abs(problem.scale) * problem.shapes.E * largest[0] * largest[1]
+    if problem.mods.softcap is not None:
+        bound = min(bound, problem.mods.softcap)
+    # The scores are (scale q) k^T: scale q must not overflow either.
+    return bound + bias_max < top / 2 and abs(problem.scale) * largest[0] < top / 2

@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..._results import AttentionGrads, AttentionResult
 from ..._types import Array
+from .._backward import direct_backward
 from .._direct import group_size, repeat_heads, scaled_product
 from ._eft import (
     _df_div,
@@ -342,6 +344,43 @@ class _NonFinite:
 def compensated_backward(problem: AttentionProblem, grad_out: Array) -> AttentionGrads:
     """The gradients of ``direct_backward`` with double-float intermediates.
 
+    NaN and infinity follow the direct backward (docs/semantics.rst, "Non-finite
+    values"): the error-free transformations cannot carry them (see ``_NonFinite``), so
+    when q, k, v, dO or the bias hold one (one pass over each decides), the compensated
+    gradients are those of the inputs with the non-finite entries replaced by 0 and the
+    -inf scores masked, and every entry that the plain direct backward makes NaN or
+    infinite takes its value from it: a float64 evaluation far cheaper than this path's
+    own, run only then. The finite entries are those the non-finite inputs do not
+    reach, where both problems agree.
+    """
+    xp = problem.xp
+    nf = _NonFinite.of(problem)
+    go_bad = not bool(xp.all(xp.isfinite(grad_out)))
+    if not (nf.scores_bad or nf.v_bad is not None or go_bad):
+        return _compensated_backward(problem, grad_out, None)
+    plain = direct_backward(problem, grad_out, out=None, lse=None)
+    bias = problem.bias
+    if bias is not None:
+        # NaN and +inf entries make their rows NaN: the plain backward's; -inf masks.
+        bias = xp.where(bias < xp.inf, bias,
+                        xp.asarray(0.0, dtype=bias.dtype, device=bias.device))
+    finite = dataclasses.replace(problem, q=nf.q, k=nf.k, v=nf.v, bias=bias)
+    zero = xp.asarray(0.0, dtype=grad_out.dtype, device=grad_out.device)
+    grads = _compensated_backward(finite, xp.where(xp.isfinite(grad_out), grad_out, zero)
+                                  if go_bad else grad_out, nf)
+
+    def take(accurate: Any, direct: Any) -> Any:
+        return None if accurate is None else xp.where(xp.isfinite(direct), accurate, direct)
+
+    return AttentionGrads(dq=take(grads.dq, plain.dq), dk=take(grads.dk, plain.dk),
+                          dv=take(grads.dv, plain.dv), dbias=take(grads.dbias, plain.dbias))
+
+
+def _compensated_backward(problem: AttentionProblem, grad_out: Array,
+                          nf: _NonFinite | None) -> AttentionGrads:
+    """``compensated_backward`` on finite inputs; ``nf`` (the original problem's
+    non-finite entries, or None) adds its -inf scores to the mask.
+
     With w the unnormalised weights and z their row sums from the compensated forward
     (P = w / z), ``dP = dO V^T``, ``D = rowsum(P dP keep) = dO . n / z`` (n the forward's
     numerator: a product over Ev, not over S) and ``G = w (dP keep - D) = z dS (1 - p)``;
@@ -377,10 +416,14 @@ def compensated_backward(problem: AttentionProblem, grad_out: Array) -> Attentio
     dv_acc = dk_acc = db_acc = None
     for rows in chunks:
         q_r, go = q[..., rows, :], grad_out[..., rows, :]
-        keep_r = _rows(keep, rows, L)
-        f = _forward(q_r, side, scale=scale, bias=_rows(bias, rows, L),
-                     allowed=_rows(allowed, rows, L), keep=keep_r, masked_rows=masked_rows,
-                     xp=xp)
+        keep_r, allowed_r = _rows(keep, rows, L), _rows(allowed, rows, L)
+        if nf is not None:
+            # The original scores' -inf entries mask, as on the direct path.
+            _, allowed_r = nf.scores(nf.problem.q[..., rows, :],
+                                     _rows(nf.problem.bias_with_alibi, rows, L), allowed_r,
+                                     scale)
+        f = _forward(q_r, side, scale=scale, bias=_rows(bias, rows, L), allowed=allowed_r,
+                     keep=keep_r, masked_rows=masked_rows, xp=xp)
         zh, zl, nh, nl = f.zh, f.zl, f.nh, f.nl
 
         # dV += (w keep)^T (dO / z), per query head (inner length: the chunk's rows).

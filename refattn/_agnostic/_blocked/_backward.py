@@ -18,6 +18,7 @@ from ..._types import Array, Namespace
 from ._forward import blocked_attention
 from ._inputs import _Inputs, _prepare_inputs
 from ._items import _batch_index, _hashable, _OrderedSum, _pad_rank, _run_items, _unit_region
+from ._nonfinite import backward_screen
 from ._plan import _batch_indices, _make_plan, _Plan
 from ._recompute import _backward_item, _Saved
 
@@ -74,12 +75,20 @@ def blocked_attention_backward(
                                 num_threads=num_threads)
         out = fwd.out if out is None else out
         lse = fwd.lse if lse is None else lse
+    inp = _prepare_inputs(problem, plan)
     if problem.masked_rows != "zero" and bool(xp.any(lse == -xp.inf)):
         # A fully masked row weighs every key under "nan" and "uniform", also the keys
         # the causal mask hides: then every block is visited.
         plan = replace(plan, skip=False)
-    inp = _prepare_inputs(problem, plan)
     saved = _saved(grad_out, out, lse, plan, xp)
+    if backward_screen(inp, plan, grad_out, out, lse):
+        # NaN or infinity somewhere (_nonfinite.backward_screen): the direct backward
+        # multiplies it by the zero weights of the masked pairs too, so every block is
+        # visited, the rows whose weights are NaN (LSE NaN) are NaN at their masked keys
+        # as well (_recompute._block_weights), and rows with a non-finite dO take
+        # torch's rowsum(P * dP) (_recompute._torch_rowsums).
+        plan = replace(plan, skip=False)
+        saved = replace(saved, nonfinite=True)
     unit, chunk, items = _work_items(plan)
     sums = _ordered_sums(inp, plan, grads, items, unit, chunk)
     scale = problem.scale
@@ -129,7 +138,7 @@ def _saved(grad_out: Array, out: Array, lse: Array, plan: _Plan, xp: Namespace) 
     return _Saved(
         grad_out=xp.broadcast_to(_pad_rank(grad_out, n, xp), (*rows_shape, plan.Ev)),
         out=xp.broadcast_to(_pad_rank(out, n, xp), (*rows_shape, plan.Ev)),
-        lse=lse_rows, any_masked=bool(xp.any(lse_rows == -xp.inf)),
+        lse=lse_rows, any_masked=bool(xp.any(lse_rows == -xp.inf)), nonfinite=False,
     )
 
 

@@ -161,3 +161,26 @@ def poisoned_columns(inp: _Inputs, plan: _Plan, v: Array, spans: list[Span], fou
     if columns is None or not bool(xp.any(columns)):
         return None
     return columns
+
+
+def backward_screen(inp: _Inputs, plan: _Plan, grad_out: Array, out: Array, lse: Array
+                    ) -> bool:
+    """True when the backward must follow the direct path's non-finite rule.
+
+    The direct backward (docs/semantics.rst, "Non-finite values") meets every
+    (query, key) pair: a masked pair has weight 0 (NaN on a row whose LSE is NaN), and
+    0 times the NaN or infinity of a key, a value, a query, dO or the output's
+    rowsum(dO * O) is NaN in dQ, dK, dV and d bias. Only then does the blocked
+    backward visit the blocks a mask hides; finite problems pay ``screen``'s pass over
+    Q, K and V and one over dO, the output and the LSE (against the backward's
+    O(L S E) products).
+    """
+    xp = inp.xp
+    found = screen(inp, plan)
+    # Scores that overflow to +inf need nothing more: they made their rows' LSE NaN
+    # (the forward's ``poisoned_rows``), which the last test sees.
+    if found.q or found.k or found.v or found.bias:
+        return True
+    if not (_all_finite(grad_out, xp) and _all_finite(out, xp)):
+        return True
+    return bool(xp.any(xp.isnan(lse)))

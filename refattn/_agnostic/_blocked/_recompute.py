@@ -38,6 +38,9 @@ class _Saved:
     out: Array  # (..., H, L, Ev)
     lse: Array  # (..., H, L)
     any_masked: bool  # some row is fully masked (lse = -inf)
+    nonfinite: bool  # NaN or infinity somewhere (_nonfinite.backward_screen): every block
+    # is visited, rows with a NaN LSE are NaN at every key, rows with a non-finite dO
+    # take torch's D (``_torch_rowsums``)
 
 
 @dataclass
@@ -50,6 +53,7 @@ class _RowGrads:
     out_shift: Array  # (R, Ev + 1): [dO, -D]
     D: Array  # (R, 1)
     masked: Array | None  # (R, 1) bool: fully masked rows, or None when there are none
+    nan: Array | None  # (R, 1) bool: rows whose LSE is NaN, or None when there are none
     no_overflow: bool  # no exponent S - lse can overflow (see _exp_scores)
 
 
@@ -82,6 +86,10 @@ def _row_grads(
             lse = xp.where(masked, xp.asarray(0.0, dtype=lse.dtype, device=lse.device), lse)
         else:
             masked = None
+    nan = None
+    if saved.nonfinite:
+        nan = xp.isnan(lse)
+        nan = nan if bool(xp.any(nan)) else None
     grad_out = per_row(saved.grad_out, plan.Ev)
     D = xp.reshape(xp.vecdot(grad_out, per_row(saved.out, plan.Ev)), (R, 1))
     # No exponent S - lse overflows when the rows' largest score bound minus their
@@ -95,7 +103,7 @@ def _row_grads(
     # S - lse and [dO, -D] [V, 1]^T is dP - D.
     return _RowGrads(
         rows=rows, grad_out=grad_out, q_shift=_with_column(xp, rows.q, -lse),
-        out_shift=_with_column(xp, grad_out, -D), D=D, masked=masked,
+        out_shift=_with_column(xp, grad_out, -D), D=D, masked=masked, nan=nan,
         no_overflow=no_overflow,
     )
 
@@ -110,6 +118,21 @@ def _augmented_keys(xp: Namespace, x: Array, c0: int, c1: int) -> Array:
     return out
 
 
+def _block_weights(inp: _Inputs, plan: _Plan, rg: _RowGrads, k: Array, s0: int, s1: int,
+                   masked: bool) -> Array:
+    """P (before dropout) on one block, the direct backward's weights."""
+    xp = inp.xp
+    p = _exp_scores(inp, plan, rg.rows, rg.q_shift, k, s0, s1, masked, rg.no_overflow)
+    if rg.nan is not None:
+        # A NaN LSE: the direct path's weights are NaN on the whole row, masked keys
+        # included (docs/semantics.rst, "Non-finite values"), which reaches their dV.
+        p = xp.where(rg.nan, xp.asarray(xp.nan, dtype=p.dtype, device=p.device), p)
+    if rg.masked is not None and inp.masked_rows != "zero":
+        fill = xp.asarray(_fill_value(inp.masked_rows, plan.S), dtype=p.dtype, device=p.device)
+        p = xp.where(rg.masked, fill, p)
+    return p
+
+
 def _weights_and_dscores(
     inp: _Inputs, plan: _Plan, rg: _RowGrads, k: Array, v: Array, s0: int, s1: int,
     masked: bool,
@@ -119,10 +142,7 @@ def _weights_and_dscores(
     computes them; the two are one array without softcap and score_mod."""
     xp = inp.xp
     rows = rg.rows
-    p = _exp_scores(inp, plan, rows, rg.q_shift, k, s0, s1, masked, rg.no_overflow)
-    if rg.masked is not None and inp.masked_rows != "zero":
-        fill = xp.asarray(_fill_value(inp.masked_rows, plan.S), dtype=p.dtype, device=p.device)
-        p = xp.where(rg.masked, fill, p)
+    p = _block_weights(inp, plan, rg, k, s0, s1, masked)
     # dS = P (dP - D), formed in place in the product's fresh result: one block less
     # to allocate.
     if rows.keep is None:
@@ -246,6 +266,8 @@ def _query_block(
     xp = inp.xp
     rows = _rows(inp, plan, it.b, h0, blk.start, blk.stop)
     rg = _row_grads(inp, plan, saved, rows, h0 // plan.heads_per_k)
+    if saved.nonfinite:
+        _torch_rowsums(inp, plan, rg, it.b, h0, blk)
     dq_rows = xp.zeros((rows.R, plan.E), dtype=inp.q.dtype, device=inp.q.device)
     for span in key_spans(blk.start, blk.stop, plan.S, plan.block_s, causal=plan.causal,
                           shift=plan.shift, skip=plan.skip, low=plan.low):
@@ -255,6 +277,30 @@ def _query_block(
     h = h0 - it.heads.start
     it.dq[h:h + rows.g, blk.start:blk.stop, :] = xp.reshape(
         dq_rows * scale, (rows.g, rows.bl, plan.E))
+
+
+def _torch_rowsums(inp: _Inputs, plan: _Plan, rg: _RowGrads, b: tuple[int, ...], h0: int,
+                   blk: Span) -> None:
+    """D = rowsum(P * dP) over every key, torch's softmax backward, on the rows whose
+    dO holds a NaN or an infinity (``direct_backward``): there a zero weight times an
+    infinite dP makes the sum NaN where dO . O need not be. One extra pass over the
+    keys, for the query blocks with such a row only."""
+    xp = inp.xp
+    bad = xp.logical_not(xp.all(xp.isfinite(rg.grad_out), axis=1, keepdims=True))
+    if not bool(xp.any(bad)):
+        return
+    kh, vh = h0 // plan.heads_per_k, h0 // plan.heads_per_v
+    k = _augmented_keys(xp, inp.k[(*_batch_index(inp.k, b), kh, ...)], 0, plan.S)
+    v = inp.v[(*_batch_index(inp.v, b), vh, ...)]
+    total = xp.zeros_like(rg.D)
+    for span in key_spans(blk.start, blk.stop, plan.S, plan.block_s, causal=plan.causal,
+                          shift=plan.shift, skip=False, low=plan.low):
+        s0, s1 = span.start, span.stop
+        p = _block_weights(inp, plan, rg, k, s0, s1, span.masked)
+        dp = _drop(inp, rg.rows, rg.grad_out @ v[s0:s1, :plan.Ev].mT, s0, s1, plan.S)
+        total = total + xp.sum(p * dp, axis=1, keepdims=True)
+    rg.D = xp.where(bad, total, rg.D)
+    rg.out_shift = _with_column(xp, rg.grad_out, -rg.D)
 
 
 def _key_block(
