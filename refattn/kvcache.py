@@ -263,7 +263,7 @@ def attention_with_kvcache(
          "alibi_slopes": alibi_slopes},
         {"cache_seqlens": cache_seqlens if hasattr(cache_seqlens, "dtype") else None,
          "block_table": block_table},
-        xp=xp,
+        xp=xp, required=("q", "k_cache", "v_cache"),
     )
     _validate.check_choice("masked_rows", masked_rows, ("zero", "nan"))
     B, Lq, H, E = _shape("q", q, "(B, Lq, H, E)")

@@ -111,7 +111,7 @@ def _pack(
         {"q": q, "k": k, "v": v, "alibi_slopes": alibi_slopes},
         {"cu_seqlens_q": cu_seqlens_q, "cu_seqlens_k": cu_seqlens_k,
          "dropout_mask": dropout_mask},
-        xp=xp,
+        xp=xp, required=("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k"),
     )
     _check_packed(q, k, v)
     _validate.check_alignment(alignment)
@@ -422,7 +422,8 @@ masked_rows, compute_dtype : optional
         compute_dtype=compute_dtype, xp=xp,
     )
     pxp = packed.xp
-    infer_namespace({"q": q, "grad_out": grad_out, "output": output, "lse": lse}, xp=xp)
+    infer_namespace({"q": q, "grad_out": grad_out, "output": output, "lse": lse}, xp=xp,
+                    required=("grad_out",))
     out_shape = (packed.total_q, packed.H, v.shape[-1])
     for name, x in (("grad_out", grad_out), ("output", output)):
         if x is not None and tuple(x.shape) != out_shape:

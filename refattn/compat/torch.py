@@ -142,7 +142,8 @@ def sdpa_translate(
     # torch's arguments -> (xp, query with broadcast heads, mask, bias): the one place
     # where torch's SDPA conventions become refattn's, for the forward and the backward.
     xp, _ = infer_namespace(
-        {"query": query, "key": key, "value": value}, {"attn_mask": attn_mask}, xp=xp
+        {"query": query, "key": key, "value": value}, {"attn_mask": attn_mask}, xp=xp,
+        required=("query", "key", "value"),
     )
     for name, x in (("query", query), ("key", key), ("value", value)):
         if x.ndim < 2:

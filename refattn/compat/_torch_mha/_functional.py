@@ -174,7 +174,8 @@ def multi_head_attention_forward(
         "key_padding_mask": key_padding_mask, "attn_mask": attn_mask,
         "dropout_mask": dropout_mask,
     }
-    xp, device = infer_namespace(floating, others, xp=xp)
+    xp, device = infer_namespace(floating, others, xp=xp,
+                                 required=("query", "key", "value"))
     for name, flag in (
         ("add_zero_attn", add_zero_attn), ("training", training),
         ("need_weights", need_weights), ("use_separate_proj_weight", use_separate_proj_weight),

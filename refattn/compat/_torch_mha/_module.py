@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from typing import Any
 
 import array_api_compat
@@ -338,6 +339,11 @@ bias_v : array or None
             Independent copies of the weights (later changes to either side do not
             propagate), with the module's ``training`` flag.
 
+        Raises
+        ------
+        TypeError
+            ``module`` is not a ``torch.nn.MultiheadAttention``.
+
         Examples
         --------
         >>> import torch, refattn
@@ -346,6 +352,12 @@ bias_v : array or None
         >>> mha.k_proj_weight.shape, mha.in_proj_weight is None
         ((4, 3), True)
         """
+        torch = sys.modules.get("torch")  # a torch module exists only once torch is imported
+        if torch is None or not isinstance(module, torch.nn.MultiheadAttention):
+            raise TypeError(
+                "module must be a torch.nn.MultiheadAttention; got "
+                f"{type(module).__module__}.{type(module).__qualname__}"
+            )
         host = {name: to_numpy(p) for name, p in module.state_dict().items()}
         if dtype is None:
             dtype = str(next(iter(module.state_dict().values())).dtype).removeprefix("torch.")
