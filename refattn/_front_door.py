@@ -312,9 +312,10 @@ def attention(
         ``refattn.set_num_threads``).
     return_weights, return_lse, return_dropout_mask : bool
         Return an ``AttentionResult`` with these fields filled in.
-    xp : namespace, optional
-        The array namespace of the inputs; inferred when None. A namespace that does not
-        match the inputs is an error.
+    xp : namespace or str, optional
+        The array namespace of the inputs, or its name: ``"numpy"``, ``"torch"``,
+        ``"cupy"``, ``"array_api_strict"`` or ``"jax"`` (``xp="numpy"`` is ``xp=numpy``);
+        inferred when None. A namespace that does not match the inputs is an error.
 
     Returns
     -------
@@ -325,11 +326,16 @@ def attention(
     Raises
     ------
     TypeError
-        Mixed libraries, non-arrays, integer/complex data, mismatched dtypes, a non-bool
-        mask.
+        Mixed libraries, non-arrays (None included), integer/complex data, mismatched
+        dtypes, a non-bool mask; ``numpy.matrix``, NumPy masked arrays and torch ``meta``
+        tensors, which look like arrays but would be computed wrongly or have no values.
     ValueError
         Incompatible shapes, heads that do not divide, bad option values, dropout without
-        a keep-mask or seed.
+        a keep-mask or seed, an ``xp`` name refattn does not know.
+    MemoryError
+        On the host, before a path materialises score-sized arrays (``"direct"``,
+        ``precision="compensated"``, ``return_weights`` on ``"blocked"``) that cannot fit
+        in the available memory.
 
     Examples
     --------
@@ -354,6 +360,12 @@ def attention(
     ...                         alibi_slopes=np.full(4, 0.5), alignment="bottom_right")
     >>> out.shape
     (2, 4, 5, 3)
+
+    The namespace may be named rather than passed:
+
+    >>> bool(np.array_equal(refattn.attention(q, k, v, xp="numpy"),
+    ...                     refattn.attention(q, k, v, xp=np)))
+    True
     """
     problem = build_problem(
         q, k, v, mask=mask, bias=bias, causal=causal, window=window, alignment=alignment,
@@ -512,8 +524,9 @@ def attention_backward(
         recomputing the softmax, as fused kernels do; -inf marks a fully masked row.
         Leading (batch) dims may be 1 or left out, as ``attention(return_lse=True)``
         returns them.
-    xp : namespace, optional
-        The array namespace of the inputs; inferred when None.
+    xp : namespace or str, optional
+        As for ``attention``: the namespace or its name (``xp="numpy"``); inferred when
+        None.
 
     Returns
     -------

@@ -51,8 +51,9 @@ def attention_scores(
         Axis order of the inputs. The scores are (..., H, L, S) in both.
     scale : float or None
         Multiplies the dot products; default 1 (raw energies). None means 1/sqrt(E).
-    xp : namespace, optional
-        Array namespace of the inputs; inferred when None.
+    xp : namespace or str, optional
+        Array namespace of the inputs or its name, e.g. ``xp="numpy"``; inferred
+        when None.
 
     Returns
     -------
@@ -116,8 +117,9 @@ def bmm_attention(
     masked_rows : {"nan", "zero", "uniform"}
         Result for a query whose every key is masked: the textbook softmax's NaN (as
         ``softmax(scores.masked_fill(~mask, -inf))``), 0, or the mean of ``x2``.
-    xp : namespace, optional
-        Array namespace of the inputs; inferred when None.
+    xp : namespace or str, optional
+        Array namespace of the inputs or its name, e.g. ``xp="numpy"``; inferred
+        when None.
 
     Returns
     -------
@@ -212,8 +214,9 @@ def attention_pooling(
     masked_rows : {"nan", "zero", "uniform"}
         Result for a sequence with no valid position: the textbook softmax's NaN, 0, or
         the plain mean of x.
-    xp : namespace, optional
-        Array namespace of the inputs; inferred when None.
+    xp : namespace or str, optional
+        Array namespace of the inputs or its name, e.g. ``xp="numpy"``; inferred
+        when None.
 
     Returns
     -------

@@ -218,8 +218,9 @@ def attention_with_kvcache(
         is not offered: it would average over the unused cache entries too.
     return_lse : bool
         Also return the LSE (B, H, Lq).
-    xp : namespace, optional
-        The array namespace of the inputs; inferred when None.
+    xp : namespace or str, optional
+        The array namespace of the inputs or its name, e.g. ``xp="numpy"``; inferred
+        when None.
 
     Returns
     -------

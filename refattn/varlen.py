@@ -263,8 +263,9 @@ def attention_varlen(
         layout; -inf on rows that see nothing), the weights (H, total_q, total_k)
         (zero outside each sequence's block) and the keep-mask (H, total_q, total_k)
         as given or drawn.
-    xp : namespace, optional
-        The array namespace of the inputs; inferred when None.
+    xp : namespace or str, optional
+        The array namespace of the inputs or its name, e.g. ``xp="numpy"``; inferred
+        when None.
 
     Returns
     -------
@@ -384,8 +385,9 @@ masked_rows, compute_dtype : optional
         uses its saved output.
     lse : array, optional
         The forward LSE (H, total_q) to rebuild the weights from, as fused kernels do.
-    xp : namespace, optional
-        The array namespace of the inputs; inferred when None.
+    xp : namespace or str, optional
+        The array namespace of the inputs or its name, e.g. ``xp="numpy"``; inferred
+        when None.
 
     Returns
     -------

@@ -223,8 +223,9 @@ def flex_attention(
         Keyword only, torch's ``AuxRequest(lse=..., max_scores=...)``: returns
         ``(out, AuxOutput(lse, None))``. ``max_scores=True`` raises
         NotImplementedError.
-    xp : namespace, optional
-        Array namespace of the inputs; inferred when None.
+    xp : namespace or str, optional
+        Array namespace of the inputs or its name, e.g. ``xp="numpy"``; inferred
+        when None.
 
     Returns
     -------

@@ -225,8 +225,9 @@ def dot_product_attention(
     return_residual : bool
         Also return the log-sum-exp (B, T, N) (or (T, N)) in the key's dtype; a fully
         masked row's is JAX's fill ``-0.7 * float32 max`` (cast to that dtype).
-    xp : namespace, optional
-        Array namespace of the inputs; inferred when None.
+    xp : namespace or str, optional
+        Array namespace of the inputs or its name, e.g. ``xp="numpy"``; inferred
+        when None.
 
     Returns
     -------

@@ -125,8 +125,9 @@ def multi_head_attention_forward(
     rng : int or numpy.random.Generator, optional
         refattn extra: draws the keep-mask as
         ``numpy.random.default_rng(rng).random((N, H, L, S_final)) >= dropout_p``.
-    xp : namespace, optional
-        Array namespace of the inputs; inferred when None.
+    xp : namespace or str, optional
+        Array namespace of the inputs or its name, e.g. ``xp="numpy"``; inferred
+        when None.
 
     Returns
     -------

@@ -65,8 +65,9 @@ class MultiheadAttention:
         refattn extra: dtype of the parameters (default float64).
     like : array, optional
         refattn extra: put the parameters in this array's library and on its device.
-    xp : namespace, optional
-        refattn extra: the parameters' array library (default NumPy).
+    xp : namespace or str, optional
+        refattn extra: the parameters' array library or its name, e.g. ``xp="torch"``
+        (default NumPy).
 
     Attributes
     ----------
@@ -264,8 +265,9 @@ bias_v : array or None
             refattn extras: the keep-mask (N, H, L, S_final) or a seed; one of them is
             required in training mode with ``dropout > 0``, and neither may be given
             otherwise.
-        xp : namespace, optional
-            Array namespace of the inputs; inferred when None.
+        xp : namespace or str, optional
+            Array namespace of the inputs or its name, e.g. ``xp="numpy"``; inferred
+            when None.
 
         Returns
         -------
@@ -330,8 +332,9 @@ bias_v : array or None
             Dtype of the copies; default the module's own dtype.
         like : array, optional
             Put the copies in this array's library and on its device.
-        xp : namespace, optional
-            The copies' library; default NumPy (host copies).
+        xp : namespace or str, optional
+            The copies' library or its name, e.g. ``xp="torch"``; default NumPy (host
+            copies).
 
         Returns
         -------

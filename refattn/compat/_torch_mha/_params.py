@@ -7,7 +7,6 @@ them whatever the library.
 
 from __future__ import annotations
 
-import numbers
 from typing import Any
 
 import array_api_compat

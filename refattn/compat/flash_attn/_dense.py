@@ -80,8 +80,9 @@ def flash_attn_func(
     lse_convention : {"fa2", "fa3"}
         LSE of a row that sees no key (or whose exp-sum is NaN): +inf as flash-attn 2
         returns it, or -inf as flash-attn 3 does.
-    xp : namespace, optional
-        Array namespace of the inputs; inferred when None.
+    xp : namespace or str, optional
+        Array namespace of the inputs or its name, e.g. ``xp="numpy"``; inferred
+        when None.
 
     Returns
     -------

@@ -125,8 +125,9 @@ def flash_attn_with_kvcache(
         Also return the LSE (B, H, L): float32, float64 for float64 inputs.
     lse_convention : {"fa2", "fa3"}
         Keyword only, as for :func:`flash_attn_func`.
-    xp : namespace, optional
-        Array namespace of the inputs; inferred when None.
+    xp : namespace or str, optional
+        Array namespace of the inputs or its name, e.g. ``xp="numpy"``; inferred
+        when None.
 
     Returns
     -------

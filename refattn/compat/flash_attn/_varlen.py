@@ -160,8 +160,9 @@ def flash_attn_varlen_func(
         Keyword only: draws the keep-mask on the host at (H, total_q, total_k).
     lse_convention : {"fa2", "fa3"}
         As for :func:`flash_attn_func`.
-    xp : namespace, optional
-        Array namespace of the inputs; inferred when None.
+    xp : namespace or str, optional
+        Array namespace of the inputs or its name, e.g. ``xp="numpy"``; inferred
+        when None.
 
     Returns
     -------
