@@ -119,7 +119,7 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:.1f} GiB"
 
 
-def check_materialised_memory(problem: AttentionProblem, *, arrays: int, what: str,
+def _check_materialised_memory(problem: AttentionProblem, *, arrays: int, what: str,
                               instead: str) -> None:
     """MemoryError, at once, when ``arrays`` arrays of the score shape cannot fit.
 
@@ -184,20 +184,20 @@ def _array_api_forward(problem: AttentionProblem, return_weights: bool) -> Atten
     # The xp path: compensated arithmetic, the blocked online softmax or the direct one.
     if problem.precision == "compensated":
         # Double-float scores: a high and a low part, and the weights' two parts.
-        check_materialised_memory(problem, arrays=4, what="precision='compensated'",
+        _check_materialised_memory(problem, arrays=4, what="precision='compensated'",
                                   instead="use precision='standard' with "
                                   "implementation='blocked'")
         return compensated_attention(problem, need_weights=return_weights)
     if _use_blocked(problem):
         if return_weights:
-            check_materialised_memory(
+            _check_materialised_memory(
                 problem, arrays=1, what="return_weights=True",
                 instead="ask for return_lse=True instead: the weights of a row are "
                 "exp(scores - lse)")
         with _threads.worker_threads(problem.xp) as num_threads:
             return blocked_attention(problem, return_weights=return_weights,
                                      num_threads=num_threads)
-    check_materialised_memory(problem, arrays=2, what="implementation='direct'",
+    _check_materialised_memory(problem, arrays=2, what="implementation='direct'",
                               instead=_USE_BLOCKED)
     return direct_attention(problem)
 
@@ -436,7 +436,7 @@ def _array_api_backward(problem: AttentionProblem, dout: Array, out: Array | Non
                 "precision='compensated' recomputes the forward in double-float; do not "
                 "pass output= or lse= (their float64 rounding is what it avoids)"
             )
-        check_materialised_memory(problem, arrays=4, what="precision='compensated'",
+        _check_materialised_memory(problem, arrays=4, what="precision='compensated'",
                                   instead="use precision='standard' with "
                                   "implementation='blocked'")
         return compensated_backward(problem, dout)
@@ -445,7 +445,7 @@ def _array_api_backward(problem: AttentionProblem, dout: Array, out: Array | Non
             return blocked_attention_backward(problem, dout, out=out, lse=lse,
                                               num_threads=num_threads)
     # The weights and dS at least (dP is formed from them).
-    check_materialised_memory(problem, arrays=2, what="implementation='direct'",
+    _check_materialised_memory(problem, arrays=2, what="implementation='direct'",
                               instead=_USE_BLOCKED)
     return direct_backward(problem, dout, out=out, lse=lse)
 
