@@ -16,7 +16,7 @@ import numpy as np
 from . import _validate
 from ._types import Array, Device, Namespace
 
-__all__ = ["draw_keep_mask", "resolve_keep"]
+__all__ = ["as_generator", "draw_keep_mask", "resolve_keep"]
 
 
 def draw_keep_mask(rng: Any, dropout_p: float, shape: tuple[int, ...]) -> np.ndarray:
@@ -30,13 +30,30 @@ def draw_keep_mask(rng: Any, dropout_p: float, shape: tuple[int, ...]) -> np.nda
     ...                     draw_keep_mask(np.random.default_rng(7), 0.5, (4,))))
     True
     """
-    if isinstance(rng, np.random.Generator):
-        generator = rng
-    elif isinstance(rng, numbers.Integral) and not isinstance(rng, bool):
-        generator = np.random.default_rng(int(rng))
-    else:
-        raise TypeError(f"rng must be an int seed or a numpy.random.Generator; got {rng!r}")
-    return generator.random(shape) >= dropout_p
+    return as_generator("rng", rng).random(shape) >= dropout_p
+
+
+def as_generator(name: str, seed: Any) -> np.random.Generator:
+    """``seed`` as a NumPy Generator: itself, or ``default_rng`` of a non-negative int.
+
+    Examples
+    --------
+    >>> as_generator("rng", -1)
+    Traceback (most recent call last):
+    ...
+    ValueError: rng must be a non-negative int seed or a numpy.random.Generator; got -1
+    """
+    if isinstance(seed, np.random.Generator):
+        return seed
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
+        raise TypeError(
+            f"{name} must be an int seed or a numpy.random.Generator; got {seed!r}")
+    if seed < 0:
+        # NumPy's own message ("expected non-negative integer") names no argument.
+        raise ValueError(
+            f"{name} must be a non-negative int seed or a numpy.random.Generator; got "
+            f"{int(seed)}")
+    return np.random.default_rng(int(seed))
 
 
 def resolve_keep(dropout_p: float, dropout_mask: Any, rng: Any, *,

@@ -8,6 +8,7 @@ into the user's layout, rank and dtype. No arithmetic and no semantics live here
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -70,6 +71,76 @@ def _use_blocked(problem: AttentionProblem) -> bool:
     return math.prod(problem.shapes.scores) > DIRECT_MAX_SCORES
 
 
+# Below this many bytes a materialised path is not checked against the free memory (it
+# costs a read of /proc per call and no machine that runs refattn lacks 1 GiB).
+_MEMORY_CHECK_BYTES = 2**30
+
+
+def _available_memory() -> int | None:
+    # The memory a new allocation can have without paging: Linux's MemAvailable, capped
+    # by a cgroup (container) limit; None where neither can be read (then no check).
+    available = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        with open("/sys/fs/cgroup/memory.current") as f:
+            used = int(f.read().strip())
+        if limit != "max":
+            room = max(int(limit) - used, 0)
+            available = room if available is None else min(available, room)
+    except (OSError, ValueError):
+        pass
+    if available is None:
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (AttributeError, OSError, ValueError):
+            return None
+    return available
+
+
+def _on_host(problem: AttentionProblem) -> bool:
+    # Host memory is overcommitted: a too large allocation succeeds and then pages the
+    # machine to a halt (or wakes the OOM killer). Device allocators (CuPy, torch on
+    # cuda) refuse at once with their own out-of-memory error, so they are left to it.
+    library = library_name(problem.q)
+    if library == "torch":
+        return getattr(problem.device, "type", None) == "cpu"
+    return library in ("numpy", "array_api_strict")
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def _check_materialised_memory(problem: AttentionProblem, *, arrays: int, what: str,
+                              instead: str) -> None:
+    """MemoryError, at once, when ``arrays`` arrays of the score shape cannot fit.
+
+    ``arrays`` is a lower bound on the score-sized arrays the path holds at once (the
+    scores and the weights, for the direct forward), so a refusal is certain to be
+    right; ``what`` names the choice that materialises them and ``instead`` what to do.
+    """
+    one = math.prod(problem.shapes.scores) * (
+        problem.xp.finfo(problem.compute_dtype).bits // 8)
+    need = one * arrays
+    if need < _MEMORY_CHECK_BYTES or not _on_host(problem):
+        return
+    available = _available_memory()
+    if available is not None and need > available:
+        raise MemoryError(
+            f"{what} materialises the (..., H, L, S) scores: score shape "
+            f"{problem.shapes.scores} needs at least {arrays} arrays of {_gib(one)} "
+            f"({_gib(need)}) but {_gib(available)} of memory is available; {instead}"
+        )
+
+
 def _use_cuda(problem: AttentionProblem, *, return_weights: bool) -> bool:
     # Kernels for CuPy inputs whose options they implement; "cuda" insists, None falls
     # back to the array-API path (the results are the same up to rounding).
@@ -105,14 +176,29 @@ def _cuda_path(problem: AttentionProblem, run: Any) -> Any:
         return None
 
 
+_USE_BLOCKED = ("use implementation='blocked' (or None), whose memory grows with the "
+                "block, not with L x S")
+
+
 def _array_api_forward(problem: AttentionProblem, return_weights: bool) -> AttentionResult:
     # The xp path: compensated arithmetic, the blocked online softmax or the direct one.
     if problem.precision == "compensated":
+        # Double-float scores: a high and a low part, and the weights' two parts.
+        _check_materialised_memory(problem, arrays=4, what="precision='compensated'",
+                                  instead="use precision='standard' with "
+                                  "implementation='blocked'")
         return compensated_attention(problem, need_weights=return_weights)
     if _use_blocked(problem):
+        if return_weights:
+            _check_materialised_memory(
+                problem, arrays=1, what="return_weights=True",
+                instead="ask for return_lse=True instead: the weights of a row are "
+                "exp(scores - lse)")
         with _threads.worker_threads(problem.xp) as num_threads:
             return blocked_attention(problem, return_weights=return_weights,
                                      num_threads=num_threads)
+    _check_materialised_memory(problem, arrays=2, what="implementation='direct'",
+                              instead=_USE_BLOCKED)
     return direct_attention(problem)
 
 
@@ -226,9 +312,10 @@ def attention(
         ``refattn.set_num_threads``).
     return_weights, return_lse, return_dropout_mask : bool
         Return an ``AttentionResult`` with these fields filled in.
-    xp : namespace, optional
-        The array namespace of the inputs; inferred when None. A namespace that does not
-        match the inputs is an error.
+    xp : namespace or str, optional
+        The array namespace of the inputs, or its name: ``"numpy"``, ``"torch"``,
+        ``"cupy"``, ``"array_api_strict"`` or ``"jax"`` (``xp="numpy"`` is ``xp=numpy``);
+        inferred when None. A namespace that does not match the inputs is an error.
 
     Returns
     -------
@@ -239,11 +326,16 @@ def attention(
     Raises
     ------
     TypeError
-        Mixed libraries, non-arrays, integer/complex data, mismatched dtypes, a non-bool
-        mask.
+        Mixed libraries, non-arrays (None included), integer/complex data, mismatched
+        dtypes, a non-bool mask; ``numpy.matrix``, NumPy masked arrays and torch ``meta``
+        tensors, which look like arrays but would be computed wrongly or have no values.
     ValueError
         Incompatible shapes, heads that do not divide, bad option values, dropout without
-        a keep-mask or seed.
+        a keep-mask or seed, an ``xp`` name refattn does not know.
+    MemoryError
+        On the host, before a path materialises score-sized arrays (``"direct"``,
+        ``precision="compensated"``, ``return_weights`` on ``"blocked"``) that cannot fit
+        in the available memory.
 
     Examples
     --------
@@ -268,6 +360,12 @@ def attention(
     ...                         alibi_slopes=np.full(4, 0.5), alignment="bottom_right")
     >>> out.shape
     (2, 4, 5, 3)
+
+    The namespace may be named rather than passed:
+
+    >>> bool(np.array_equal(refattn.attention(q, k, v, xp="numpy"),
+    ...                     refattn.attention(q, k, v, xp=np)))
+    True
     """
     problem = build_problem(
         q, k, v, mask=mask, bias=bias, causal=causal, window=window, alignment=alignment,
@@ -338,11 +436,17 @@ def _array_api_backward(problem: AttentionProblem, dout: Array, out: Array | Non
                 "precision='compensated' recomputes the forward in double-float; do not "
                 "pass output= or lse= (their float64 rounding is what it avoids)"
             )
+        _check_materialised_memory(problem, arrays=4, what="precision='compensated'",
+                                  instead="use precision='standard' with "
+                                  "implementation='blocked'")
         return compensated_backward(problem, dout)
     if _use_blocked(problem):
         with _threads.worker_threads(problem.xp) as num_threads:
             return blocked_attention_backward(problem, dout, out=out, lse=lse,
                                               num_threads=num_threads)
+    # The weights and dS at least (dP is formed from them).
+    _check_materialised_memory(problem, arrays=2, what="implementation='direct'",
+                              instead=_USE_BLOCKED)
     return direct_backward(problem, dout, out=out, lse=lse)
 
 
@@ -420,8 +524,9 @@ def attention_backward(
         recomputing the softmax, as fused kernels do; -inf marks a fully masked row.
         Leading (batch) dims may be 1 or left out, as ``attention(return_lse=True)``
         returns them.
-    xp : namespace, optional
-        The array namespace of the inputs; inferred when None.
+    xp : namespace or str, optional
+        As for ``attention``: the namespace or its name (``xp="numpy"``); inferred when
+        None.
 
     Returns
     -------
@@ -469,7 +574,8 @@ def attention_backward(
         precision=precision, implementation=implementation, xp=xp,
     )
     # q first, so that a mismatch is reported as "q is a ... array but grad_out is ...".
-    infer_namespace({"q": q, "grad_out": grad_out, "output": output, "lse": lse}, xp=xp)
+    infer_namespace({"q": q, "grad_out": grad_out, "output": output, "lse": lse}, xp=xp,
+                    required=("grad_out",))
     out_shape = _user_out_shape(problem)
     for name, x in (("grad_out", grad_out), ("output", output)):
         if x is not None and tuple(x.shape) != out_shape:

@@ -6,17 +6,32 @@ oracle needs (no mixed libraries, no integer or complex data, no Python lists) a
 messages that name the offending argument.
 
 array_api_compat only looks at ``sys.modules`` to recognise torch, CuPy or JAX arrays,
-so nothing here imports those libraries unless the user already has.
+so nothing here imports those libraries unless the user already has (or names one as
+``xp="torch"``, which imports it only where a namespace is needed without arrays).
+
+It also refuses, by name, the inputs that look like arrays but would be computed wrongly
+or not at all: None for a required array, ``numpy.matrix`` (always 2-D, ``*`` is a
+matrix product), NumPy masked arrays (their mask would be dropped silently) and torch
+``meta`` tensors (shapes without values).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import importlib
+import sys
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import array_api_compat
 
-__all__ = ["infer_namespace", "library_name"]
+__all__ = ["KNOWN_NAMESPACES", "check_array", "infer_namespace", "library_name",
+           "namespace_library", "namespace_module"]
+
+#: The names ``xp=`` accepts in place of a namespace, and the module each one imports.
+KNOWN_NAMESPACES = {"numpy": "numpy", "torch": "torch", "cupy": "cupy",
+                    "array_api_strict": "array_api_strict", "jax": "jax.numpy"}
+
+_KINDS = "NumPy, torch, CuPy or array-API"
 
 
 def library_name(x: Any) -> str:
@@ -24,6 +39,99 @@ def library_name(x: Any) -> str:
     module = type(x).__module__.split(".")[0]
     return {"array_api_strict": "array_api_strict", "cupy": "cupy", "jax": "jax",
             "jaxlib": "jax", "torch": "torch", "numpy": "numpy"}.get(module, module)
+
+
+def _shown_names() -> str:
+    return ", ".join(repr(n) for n in KNOWN_NAMESPACES)
+
+
+def namespace_library(xp: Any) -> str:
+    """The library name of an ``xp=`` argument: a namespace or one of its names.
+
+    Names are looked up without importing anything.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> namespace_library(np), namespace_library("numpy")
+    ('numpy', 'numpy')
+    >>> namespace_library("nump")
+    Traceback (most recent call last):
+    ...
+    ValueError: xp must be an array namespace (a module such as numpy) or one of the names \
+'numpy', 'torch', 'cupy', 'array_api_strict', 'jax'; got 'nump'
+    """
+    if isinstance(xp, str):
+        if xp not in KNOWN_NAMESPACES:
+            raise ValueError(
+                "xp must be an array namespace (a module such as numpy) or one of the names "
+                f"{_shown_names()}; got {xp!r}"
+            )
+        return "jax" if xp == "jax" else xp
+    empty = getattr(xp, "empty", None)
+    if not callable(empty):
+        raise TypeError(
+            "xp must be an array namespace (a module such as numpy) or one of the names "
+            f"{_shown_names()}; got {type(xp).__name__} {xp!r}"
+        )
+    return library_name(empty((0,)))
+
+
+def namespace_module(xp: Any) -> Any:
+    """The namespace module an ``xp=`` argument stands for: itself, or the module a
+    name in ``KNOWN_NAMESPACES`` imports (for callers that create arrays without
+    having any to infer from).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> namespace_module("numpy") is np
+    True
+    """
+    namespace_library(xp)  # the same refusals as everywhere else
+    if not isinstance(xp, str):
+        return xp
+    try:
+        return importlib.import_module(KNOWN_NAMESPACES[xp])
+    except ImportError:
+        raise ValueError(f"xp={xp!r} names a library that is not installed") from None
+
+
+def check_array(name: str, x: Any) -> None:
+    """Refuse, by ``name``, what cannot stand for an array of values.
+
+    None (for a required array), ``numpy.matrix``, NumPy masked arrays and torch
+    ``meta`` tensors; other objects are left to the array-API check.
+
+    Examples
+    --------
+    >>> check_array("q", None)
+    Traceback (most recent call last):
+    ...
+    TypeError: q must be an array (NumPy, torch, CuPy or array-API); got None
+    """
+    if x is None:
+        raise TypeError(f"{name} must be an array ({_KINDS}); got None")
+    np_mod = sys.modules.get("numpy")
+    if np_mod is not None and isinstance(x, np_mod.matrix):
+        # A matrix stays 2-D under indexing and reshaping and its * is a matrix product,
+        # so the oracle's (..., L, E) arithmetic would silently compute something else.
+        raise TypeError(
+            f"{name} is a numpy.matrix (always 2-D, * is a matrix product); pass "
+            f"np.asarray({name}) instead"
+        )
+    ma = sys.modules.get("numpy.ma")
+    if ma is not None and isinstance(x, ma.MaskedArray):
+        raise TypeError(
+            f"{name} is a NumPy masked array, whose mask refattn would drop silently; pass "
+            f"{name}.filled(value) with the value you mean, and say which positions take "
+            "part with a boolean mask= instead"
+        )
+    if library_name(x) == "torch" and getattr(getattr(x, "device", None), "type", "") == "meta":
+        raise TypeError(
+            f"{name} is a torch meta tensor (no values): refattn computes values; pass "
+            "tensors on cpu or cuda"
+        )
 
 
 def _namespace_of(name: str, x: Any) -> Any:
@@ -42,6 +150,7 @@ def infer_namespace(
     others: Mapping[str, Any] | None = None,
     *,
     xp: Any = None,
+    required: Iterable[str] = (),
 ) -> tuple[Any, Any]:
     """Return ``(xp, device)`` for the given named arrays.
 
@@ -54,18 +163,27 @@ def infer_namespace(
         Arrays of any dtype that must still come from the same library (boolean masks).
         ``None`` entries are skipped.
     xp
-        An explicit namespace. It overrides inference, but every array must still
-        belong to it.
+        An explicit namespace, or its name (``KNOWN_NAMESPACES``). It overrides
+        inference, but every array must still belong to it.
+    required
+        Names among the arrays that may not be None.
 
     Raises
     ------
     TypeError
-        On a non-array, arrays from two libraries, or integer/complex/bool data in
-        ``floating``.
+        On a missing required array, a non-array, arrays from two libraries, integer/
+        complex/bool data in ``floating``, or an array ``check_array`` refuses.
+    ValueError
+        On an ``xp`` name that is not one of ``KNOWN_NAMESPACES``.
     """
-    named = {k: v for k, v in {**floating, **(others or {})}.items() if v is not None}
+    everything = {**floating, **(others or {})}
+    for name in required:
+        check_array(name, everything[name])
+    named = {k: v for k, v in everything.items() if v is not None}
     if not named:
         raise TypeError("no arrays given")
+    for name, x in named.items():
+        check_array(name, x)
     spaces = {name: _namespace_of(name, x) for name, x in named.items()}
     first_name = next(iter(spaces))
     first_lib = library_name(named[first_name])
@@ -80,7 +198,7 @@ def infer_namespace(
     if xp is not None:
         # An explicit namespace is a promise about the inputs; we hold the caller to it
         # but keep computing with the wrapped (array-API compliant) namespace.
-        given = library_name(xp.empty((0,)))
+        given = namespace_library(xp)
         if given != first_lib:
             raise TypeError(
                 f"xp is the {given} namespace but {first_name} is a {first_lib} array"

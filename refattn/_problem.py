@@ -255,7 +255,7 @@ def build_problem(
     """
     xp, device = infer_namespace(
         {"q": q, "k": k, "v": v, "bias": bias, "alibi_slopes": alibi_slopes},
-        {"mask": mask, "dropout_mask": dropout_mask}, xp=xp,
+        {"mask": mask, "dropout_mask": dropout_mask}, xp=xp, required=("q", "k", "v"),
     )
     window_value = None if window is None else Window.parse(window)
     softcap_value = _validate.check_softcap(softcap)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +23,7 @@ __all__ = [
     "check_broadcastable",
     "check_choice",
     "check_dropout_p",
+    "check_one_dtype",
     "check_qkv",
     "check_scale",
     "check_softcap",
@@ -109,6 +110,33 @@ def _shown(x: Any, layout: str) -> tuple[int, ...]:
     return shape
 
 
+def check_one_dtype(named: Mapping[str, Any]) -> Any:
+    """The one dtype of the named arrays (None entries skipped); TypeError naming each
+    array's dtype when they differ.
+
+    Front-ends that widen 16-bit inputs call it before widening, so that a mismatch is
+    seen as the user gave it.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> check_one_dtype({"q": np.ones(2, np.float16), "k": np.ones(2), "v": None})
+    Traceback (most recent call last):
+    ...
+    TypeError: q and k must share one dtype; got q float16, k float64
+    """
+    given = {name: x for name, x in named.items() if x is not None}
+    dtypes = [x.dtype for x in given.values()]
+    if any(d != dtypes[0] for d in dtypes[1:]):
+        names = list(given)
+        listed = f"{', '.join(names[:-1])} and {names[-1]}"
+        raise TypeError(
+            f"{listed} must share one dtype; got "
+            f"{', '.join(f'{name} {x.dtype}' for name, x in given.items())}"
+        )
+    return dtypes[0] if dtypes else None
+
+
 def check_qkv(q: Any, k: Any, v: Any, *, layout: str = "BHLD") -> AttentionShapes:
     """Check q (..., H, L, E), k (..., K, S, E), v (..., Kv, S, Ev) against each other.
 
@@ -120,10 +148,7 @@ def check_qkv(q: Any, k: Any, v: Any, *, layout: str = "BHLD") -> AttentionShape
                 f"{name} must be at least 2-D (..., L or S, head dim); got shape "
                 f"{_shown(x, layout)}"
             )
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(
-            f"q, k and v must share one dtype; got q {q.dtype}, k {k.dtype}, v {v.dtype}"
-        )
+    check_one_dtype({"q": q, "k": k, "v": v})
     if k.shape[-1] != q.shape[-1]:
         raise ValueError(
             f"k's head dim E must equal q's: q has shape {_shown(q, layout)} (E={q.shape[-1]}), "

@@ -51,8 +51,9 @@ def attention_scores(
         Axis order of the inputs. The scores are (..., H, L, S) in both.
     scale : float or None
         Multiplies the dot products; default 1 (raw energies). None means 1/sqrt(E).
-    xp : namespace, optional
-        Array namespace of the inputs; inferred when None.
+    xp : namespace or str, optional
+        Array namespace of the inputs or its name, e.g. ``xp="numpy"``; inferred
+        when None.
 
     Returns
     -------
@@ -73,7 +74,7 @@ def attention_scores(
     >>> bool(np.allclose(s, 0.5 * np.einsum("nqhd,nkhd->nhqk", q, k)))
     True
     """
-    xp, _ = infer_namespace({"q": q, "k": k}, xp=xp)
+    xp, _ = infer_namespace({"q": q, "k": k}, xp=xp, required=("q", "k"))
     _validate.check_choice("layout", layout, LAYOUTS)
     if q.dtype != k.dtype:
         raise TypeError(f"q and k must share one dtype; got q {q.dtype}, k {k.dtype}")
@@ -116,8 +117,9 @@ def bmm_attention(
     masked_rows : {"nan", "zero", "uniform"}
         Result for a query whose every key is masked: the textbook softmax's NaN (as
         ``softmax(scores.masked_fill(~mask, -inf))``), 0, or the mean of ``x2``.
-    xp : namespace, optional
-        Array namespace of the inputs; inferred when None.
+    xp : namespace or str, optional
+        Array namespace of the inputs or its name, e.g. ``xp="numpy"``; inferred
+        when None.
 
     Returns
     -------
@@ -135,7 +137,8 @@ def bmm_attention(
     >>> bool(np.allclose(w, e / e.sum(-1, keepdims=True))), bool(np.allclose(out, w @ x2))
     (True, True)
     """
-    xp, _ = infer_namespace({"x1": x1, "x2": x2}, {"mask": mask}, xp=xp)
+    xp, _ = infer_namespace({"x1": x1, "x2": x2}, {"mask": mask}, xp=xp,
+                            required=("x1", "x2"))
     _validate.check_choice("masked_rows", masked_rows, MASKED_ROW_POLICIES)
     if x1.ndim < 2 or x1.ndim != x2.ndim or x1.shape[:-2] != x2.shape[:-2]:
         raise ValueError(
@@ -211,8 +214,9 @@ def attention_pooling(
     masked_rows : {"nan", "zero", "uniform"}
         Result for a sequence with no valid position: the textbook softmax's NaN, 0, or
         the plain mean of x.
-    xp : namespace, optional
-        Array namespace of the inputs; inferred when None.
+    xp : namespace or str, optional
+        Array namespace of the inputs or its name, e.g. ``xp="numpy"``; inferred
+        when None.
 
     Returns
     -------
@@ -234,7 +238,7 @@ def attention_pooling(
     floating = {"x": x, "scores": scores, "scorer_weight": scorer_weight}
     if scorer_bias is not None and hasattr(scorer_bias, "shape"):
         floating["scorer_bias"] = scorer_bias
-    xp, device = infer_namespace(floating, {"mask": mask}, xp=xp)
+    xp, device = infer_namespace(floating, {"mask": mask}, xp=xp, required=("x",))
     _validate.check_choice("masked_rows", masked_rows, MASKED_ROW_POLICIES)
     if x.ndim < 2:
         raise ValueError(f"x must be at least 2-D (..., S, F); got shape {tuple(x.shape)}")

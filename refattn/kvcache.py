@@ -218,8 +218,9 @@ def attention_with_kvcache(
         is not offered: it would average over the unused cache entries too.
     return_lse : bool
         Also return the LSE (B, H, Lq).
-    xp : namespace, optional
-        The array namespace of the inputs; inferred when None.
+    xp : namespace or str, optional
+        The array namespace of the inputs or its name, e.g. ``xp="numpy"``; inferred
+        when None.
 
     Returns
     -------
@@ -263,7 +264,7 @@ def attention_with_kvcache(
          "alibi_slopes": alibi_slopes},
         {"cache_seqlens": cache_seqlens if hasattr(cache_seqlens, "dtype") else None,
          "block_table": block_table},
-        xp=xp,
+        xp=xp, required=("q", "k_cache", "v_cache"),
     )
     _validate.check_choice("masked_rows", masked_rows, ("zero", "nan"))
     B, Lq, H, E = _shape("q", q, "(B, Lq, H, E)")

@@ -29,7 +29,7 @@ from typing import Any
 import array_api_compat
 
 from . import _validate
-from ._namespace import library_name
+from ._namespace import check_array, library_name
 from ._window import Window
 
 __all__ = [
@@ -82,6 +82,7 @@ def _namespace(what: str, held: Any, grid: Any) -> Any:
 
 
 def _array(name: str, x: Any, kind: str, ndims: tuple[int, ...]) -> Any:
+    check_array(name, x)
     try:
         xp = array_api_compat.array_namespace(x)
     except TypeError:

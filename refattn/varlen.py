@@ -111,7 +111,7 @@ def _pack(
         {"q": q, "k": k, "v": v, "alibi_slopes": alibi_slopes},
         {"cu_seqlens_q": cu_seqlens_q, "cu_seqlens_k": cu_seqlens_k,
          "dropout_mask": dropout_mask},
-        xp=xp,
+        xp=xp, required=("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k"),
     )
     _check_packed(q, k, v)
     _validate.check_alignment(alignment)
@@ -263,8 +263,9 @@ def attention_varlen(
         layout; -inf on rows that see nothing), the weights (H, total_q, total_k)
         (zero outside each sequence's block) and the keep-mask (H, total_q, total_k)
         as given or drawn.
-    xp : namespace, optional
-        The array namespace of the inputs; inferred when None.
+    xp : namespace or str, optional
+        The array namespace of the inputs or its name, e.g. ``xp="numpy"``; inferred
+        when None.
 
     Returns
     -------
@@ -384,8 +385,9 @@ masked_rows, compute_dtype : optional
         uses its saved output.
     lse : array, optional
         The forward LSE (H, total_q) to rebuild the weights from, as fused kernels do.
-    xp : namespace, optional
-        The array namespace of the inputs; inferred when None.
+    xp : namespace or str, optional
+        The array namespace of the inputs or its name, e.g. ``xp="numpy"``; inferred
+        when None.
 
     Returns
     -------
@@ -422,7 +424,8 @@ masked_rows, compute_dtype : optional
         compute_dtype=compute_dtype, xp=xp,
     )
     pxp = packed.xp
-    infer_namespace({"q": q, "grad_out": grad_out, "output": output, "lse": lse}, xp=xp)
+    infer_namespace({"q": q, "grad_out": grad_out, "output": output, "lse": lse}, xp=xp,
+                    required=("grad_out",))
     out_shape = (packed.total_q, packed.H, v.shape[-1])
     for name, x in (("grad_out", grad_out), ("output", output)):
         if x is not None and tuple(x.shape) != out_shape:

@@ -11,7 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ScoreMods", "final_scores", "mod_for_grids", "pre_mask_scores", "score_slopes"]
+__all__ = ["ScoreMods", "check_score_mod_result", "final_scores", "mod_for_grids",
+           "pre_mask_scores", "score_slopes"]
 
 
 def mod_for_grids(mod: Callable[..., Any], *, on_block: bool) -> Callable[..., Any]:
@@ -47,6 +48,29 @@ class ScoreMods:
         return self.softcap is not None or self.score_mod is not None
 
 
+def check_score_mod_result(result: Any, score: Any, *, on_block: bool) -> Any:
+    """``result`` if it has the shape of the ``score`` argument the mod was called with.
+
+    A mod that broadcasts its result wider than the scores, or returns another shape,
+    would otherwise surface as a matmul or broadcasting error far from its cause.
+    """
+    expected = tuple(score.shape)
+    got = tuple(getattr(result, "shape", ()))
+    if got != expected:
+        where = ("on a block of scores" if on_block else "on the scores")
+        hint = (" (the blocked path calls it once per block: write it elementwise in score, "
+                "b, h, q_idx and kv_idx, as FlexAttention requires)" if on_block else
+                " (write it elementwise in score, b, h, q_idx and kv_idx, as FlexAttention "
+                "requires)")
+        raise ValueError(
+            f"score_mod must return an array of its score argument's shape; {where} of "
+            f"shape {expected} it returned "
+            f"{'shape ' + str(got) if hasattr(result, 'shape') else type(result).__name__}"
+            f"{hint}"
+        )
+    return result
+
+
 def pre_mask_scores(scaled: Any, *, bias: Any, mods: ScoreMods | None, xp: Any) -> Any:
     """softcap -> + bias -> score_mod on the scaled scores."""
     s = scaled
@@ -55,7 +79,7 @@ def pre_mask_scores(scaled: Any, *, bias: Any, mods: ScoreMods | None, xp: Any) 
     if bias is not None:
         s = s + bias
     if mods is not None and mods.score_mod is not None:
-        s = mods.call_score_mod(s)
+        s = check_score_mod_result(mods.call_score_mod(s), s, on_block=mods.on_block)
         if getattr(s, "dtype", None) != scaled.dtype:
             raise TypeError(
                 "score_mod must return an array of the scores' dtype "

@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 
 from .._front_door import attention
 from .._namespace import infer_namespace
+from .._validate import check_one_dtype
 
 __all__ = ["AuxOutput", "BlockMask", "create_block_mask", "flex_attention"]
 
@@ -222,8 +223,9 @@ def flex_attention(
         Keyword only, torch's ``AuxRequest(lse=..., max_scores=...)``: returns
         ``(out, AuxOutput(lse, None))``. ``max_scores=True`` raises
         NotImplementedError.
-    xp : namespace, optional
-        Array namespace of the inputs; inferred when None.
+    xp : namespace or str, optional
+        Array namespace of the inputs or its name, e.g. ``xp="numpy"``; inferred
+        when None.
 
     Returns
     -------
@@ -265,7 +267,8 @@ def flex_attention(
     >>> bool(np.allclose(out[0, :, 0], v[0, :, 0]))
     True
     """
-    xp, _ = infer_namespace({"query": query, "key": key, "value": value}, xp=xp)
+    xp, _ = infer_namespace({"query": query, "key": key, "value": value}, xp=xp,
+                            required=("query", "key", "value"))
     want_lse, aux = _aux_request(return_lse, return_aux)
     if not isinstance(enable_gqa, bool):
         raise TypeError(f"enable_gqa must be True or False; got {enable_gqa!r}")
@@ -313,7 +316,7 @@ def flex_attention(
             f"block_mask was made for (Q_LEN, KV_LEN) = {tuple(lengths)} but the query and "
             f"key have lengths ({L}, {S}); make a block mask for these lengths"
         )
-    dtype = query.dtype
+    dtype = check_one_dtype({"query": query, "key": key, "value": value})  # before widening
     if dtype not in (xp.float32, xp.float64):
         # Widened so that the output is rounded once and the LSE comes back in float32
         # (torch's working precision) rather than in the 16-bit input dtype.

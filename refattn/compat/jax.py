@@ -33,7 +33,7 @@ import numpy as np
 
 from .. import _validate
 from .._front_door import attention
-from .._namespace import infer_namespace
+from .._namespace import check_array, infer_namespace, namespace_library
 
 __all__ = ["dot_product_attention"]
 
@@ -101,7 +101,8 @@ def _dot_product_attention(
     xp, device = infer_namespace(
         {"query": query, "key": key, "value": value, "bias": bias},
         {"mask": mask, "query_seq_lengths": query_seq_lengths,
-         "key_value_seq_lengths": key_value_seq_lengths}, xp=xp)
+         "key_value_seq_lengths": key_value_seq_lengths}, xp=xp,
+        required=("query", "key", "value"))
     _validate.check_choice("implementation", implementation, IMPLEMENTATIONS)
     if not isinstance(is_causal, bool):
         raise TypeError(f"is_causal must be True or False; got {is_causal!r}")
@@ -224,8 +225,9 @@ def dot_product_attention(
     return_residual : bool
         Also return the log-sum-exp (B, T, N) (or (T, N)) in the key's dtype; a fully
         masked row's is JAX's fill ``-0.7 * float32 max`` (cast to that dtype).
-    xp : namespace, optional
-        Array namespace of the inputs; inferred when None.
+    xp : namespace or str, optional
+        Array namespace of the inputs or its name, e.g. ``xp="numpy"``; inferred
+        when None.
 
     Returns
     -------
@@ -264,6 +266,8 @@ def dot_product_attention(
     >>> float(lse[0, 0, 0])
     -2.3819763e+38
     """
+    for name, x in (("query", query), ("key", key), ("value", value)):
+        check_array(name, x)  # before the JAX test below looks at what it was given
     named = (query, key, value, bias, mask, query_seq_lengths, key_value_seq_lengths)
     if not any(array_api_compat.is_jax_array(x) for x in named):
         return _dot_product_attention(
@@ -275,8 +279,9 @@ def dot_product_attention(
     # depend on jax_enable_x64 (without it JAX has no float64 arrays to compute in).
     import jax
 
-    if xp is not None and not array_api_compat.is_jax_namespace(xp):
-        raise TypeError(f"xp is {getattr(xp, '__name__', xp)!r} but the inputs are JAX arrays")
+    if xp is not None and namespace_library(xp) != "jax":
+        raise TypeError(f"xp is the {namespace_library(xp)} namespace but the inputs are JAX "
+                        "arrays")
     dtypes = [np.asarray(x).dtype for x in (query, key, value)]
     if len(set(dtypes)) > 1:
         raise ValueError(

@@ -12,7 +12,7 @@ from typing import Any
 from .._arrays import sum_to_shape
 from .._front_door import AttentionGrads, attention, attention_backward
 from .._namespace import infer_namespace
-from .._validate import broadcast_shapes
+from .._validate import broadcast_shapes, check_one_dtype
 from ._torch_mha import MultiheadAttention, multi_head_attention_forward
 
 __all__ = [
@@ -85,8 +85,9 @@ def scaled_dot_product_attention(
         Keep-mask (True = keep), broadcastable to (..., H, L, S).
     rng : int or numpy.random.Generator, optional
         Draws the keep-mask on the host.
-    xp : namespace, optional
-        Array namespace of the inputs; inferred when None.
+    xp : namespace or str, optional
+        Array namespace of the inputs or its name, e.g. ``xp="numpy"``; inferred
+        when None.
 
     Returns
     -------
@@ -142,8 +143,11 @@ def sdpa_translate(
     # torch's arguments -> (xp, query with broadcast heads, mask, bias): the one place
     # where torch's SDPA conventions become refattn's, for the forward and the backward.
     xp, _ = infer_namespace(
-        {"query": query, "key": key, "value": value}, {"attn_mask": attn_mask}, xp=xp
+        {"query": query, "key": key, "value": value}, {"attn_mask": attn_mask}, xp=xp,
+        required=("query", "key", "value"),
     )
+    # Named as torch names them (the front door would say q, k and v).
+    check_one_dtype({"query": query, "key": key, "value": value})
     for name, x in (("query", query), ("key", key), ("value", value)):
         if x.ndim < 2:
             raise ValueError(
@@ -206,8 +210,9 @@ def scaled_dot_product_attention_backward(
     dropout_mask : bool array, optional
         The keep-mask (True = keep) the forward pass used, broadcastable to
         (..., H, L, S).
-    xp : namespace, optional
-        Array namespace of the inputs; inferred when None.
+    xp : namespace or str, optional
+        Array namespace of the inputs or its name, e.g. ``xp="numpy"``; inferred
+        when None.
 
     Returns
     -------

@@ -32,7 +32,7 @@ import numpy as np
 
 from .._arrays import to_numpy
 from .._front_door import attention
-from .._namespace import library_name
+from .._namespace import check_array, library_name
 from ._baseline import EPS, dtype_name
 from ._budget import _GRAD_NAMES, _float64_options, _Tensor, compute_reference
 from ._budget import Reference as Reference  # re-exported: it was defined here
@@ -279,6 +279,8 @@ def assert_attention_close(
                 f"grads must be (dq, dk, dv) or (dq, dk, dv, dbias); got {len(grad_list)} "
                 "arrays"
             )
+    for name, x in (("actual", actual), ("q", q), ("k", k), ("v", v)):
+        check_array(name, x)
     named = {"actual": actual, "q": q, "k": k, "v": v, "grad_out": grad_out,
              **{n: g for n, g in zip(_GRAD_NAMES, grad_list, strict=False)},
              **{n: options.get(n) for n in _ARRAY_OPTIONS}}
@@ -397,6 +399,10 @@ def assert_close(
     dtype: actual is float32, desired is float64
     """
     for name, x in (("actual", actual), ("desired", desired)):
+        if library_name(x) != "torch":
+            # A torch meta tensor is compared by its metadata first: its device then
+            # fails the comparison, which is the answer asked for.
+            check_array(name, x)
         if not array_api_compat.is_array_api_obj(x):
             raise TypeError(f"{name} must be an array; got {type(x).__name__}")
     if (rtol is None) != (atol is None):

@@ -7,6 +7,7 @@ from typing import Any
 
 import array_api_compat
 
+from .._namespace import check_array, library_name, namespace_library
 from .._types import Array, Namespace
 from ._baseline import EPS, dtype_name
 
@@ -35,8 +36,9 @@ def decode_flash_dropout_mask(S_dmask: Array, seqlen_q: int | None = None,
         (..., L_rounded, S_rounded) floating array from flash-attn.
     seqlen_q, seqlen_k : int, optional
         The true lengths L and S to crop to; None keeps that axis whole.
-    xp : namespace, optional
-        Array namespace of ``S_dmask``; inferred when None.
+    xp : namespace or str, optional
+        Array namespace of ``S_dmask`` or its name (``"numpy"``, ``"torch"``, ...);
+        inferred when None, and checked against ``S_dmask`` when given.
 
     Returns
     -------
@@ -60,10 +62,14 @@ def decode_flash_dropout_mask(S_dmask: Array, seqlen_q: int | None = None,
     array([[[ True, False],
             [False,  True]]])
     """
-    if xp is None:
-        if not array_api_compat.is_array_api_obj(S_dmask):
-            raise TypeError(f"S_dmask must be an array; got {type(S_dmask).__name__}")
-        xp = array_api_compat.array_namespace(S_dmask)
+    check_array("S_dmask", S_dmask)
+    if not array_api_compat.is_array_api_obj(S_dmask):
+        raise TypeError(f"S_dmask must be an array; got {type(S_dmask).__name__}")
+    if xp is not None and namespace_library(xp) != library_name(S_dmask):
+        raise TypeError(f"xp is the {namespace_library(xp)} namespace but S_dmask is a "
+                        f"{library_name(S_dmask)} array")
+    # Inferred even when given, as the front door does: xp may be a name ("numpy").
+    xp = array_api_compat.array_namespace(S_dmask)
     if dtype_name(S_dmask) not in EPS:
         raise TypeError(f"S_dmask must be a floating array (flash-attn's fp16/bf16); got "
                         f"dtype {S_dmask.dtype}")

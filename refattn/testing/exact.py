@@ -184,8 +184,9 @@ def exact_attention(
         Significant decimal digits carried (at least 17). 50 leave every result
         correctly rounded unless the data cancel by more than about 30 digits (a sum of
         terms of size 1e30 that comes to 1); raise it for such data.
-    xp : namespace, optional
-        The array namespace of the inputs; inferred when None.
+    xp : namespace or str, optional
+        The array namespace of the inputs or its name, e.g. ``xp="numpy"``; inferred
+        when None.
 
     Returns
     -------

@@ -888,7 +888,7 @@ CONSTRUCTOR_ERRORS = {
     "vdim": (dict(vdim=2.5), ValueError, r"vdim must be a positive integer"),
     "bias": (dict(bias="yes"), TypeError, r"bias must be True or False"),
     "dtype": (dict(dtype="int32"), TypeError, r"dtype must be a real floating dtype"),
-    "seed": (dict(seed=1.5), TypeError, r"seed must be an int or a numpy.random.Generator"),
+    "seed": (dict(seed=1.5), TypeError, r"seed must be an int seed or a numpy.random.Generator"),
     "like": (dict(like=[1.0]), TypeError, r"like must be an array"),
 }
 

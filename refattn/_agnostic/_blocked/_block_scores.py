@@ -139,15 +139,7 @@ def _modded_scores(inp: _Inputs, plan: _Plan, rows: _Rows, q_shift: Array, k: Ar
     scaled = _scaled_block(inp, plan, rows, k, s0, s1)
     modded = pre_mask_scores(scaled, bias=_block_bias(inp, plan, rows, s0, s1),
                              mods=_block_mods(inp, plan, rows, s0, s1), xp=xp)
-    if tuple(modded.shape) != _block_shape(plan, rows, n):
-        # A mod that broadcasts its result wider than the scores (or returns something
-        # of another shape) cannot be evaluated block by block.
-        raise ValueError(
-            f"score_mod must return an array of its score argument's shape; on a block of "
-            f"scores of shape {_block_shape(plan, rows, n)} it returned shape "
-            f"{tuple(modded.shape)} (the blocked path calls it once per block: write it "
-            "elementwise in score, b, h, q_idx and kv_idx, as FlexAttention requires)"
-        )
+    # pre_mask_scores has checked that score_mod kept the block's shape.
     scores = xp.reshape(modded, (rows.R, n))
     if q_shift.shape[1] > plan.E:
         scores = scores + q_shift[:, plan.E:]

@@ -125,8 +125,9 @@ def multi_head_attention_forward(
     rng : int or numpy.random.Generator, optional
         refattn extra: draws the keep-mask as
         ``numpy.random.default_rng(rng).random((N, H, L, S_final)) >= dropout_p``.
-    xp : namespace, optional
-        Array namespace of the inputs; inferred when None.
+    xp : namespace or str, optional
+        Array namespace of the inputs or its name, e.g. ``xp="numpy"``; inferred
+        when None.
 
     Returns
     -------
@@ -174,7 +175,8 @@ def multi_head_attention_forward(
         "key_padding_mask": key_padding_mask, "attn_mask": attn_mask,
         "dropout_mask": dropout_mask,
     }
-    xp, device = infer_namespace(floating, others, xp=xp)
+    xp, device = infer_namespace(floating, others, xp=xp,
+                                 required=("query", "key", "value"))
     for name, flag in (
         ("add_zero_attn", add_zero_attn), ("training", training),
         ("need_weights", need_weights), ("use_separate_proj_weight", use_separate_proj_weight),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from typing import Any
 
 import array_api_compat
@@ -64,8 +65,9 @@ class MultiheadAttention:
         refattn extra: dtype of the parameters (default float64).
     like : array, optional
         refattn extra: put the parameters in this array's library and on its device.
-    xp : namespace, optional
-        refattn extra: the parameters' array library (default NumPy).
+    xp : namespace or str, optional
+        refattn extra: the parameters' array library or its name, e.g. ``xp="torch"``
+        (default NumPy).
 
     Attributes
     ----------
@@ -263,8 +265,9 @@ bias_v : array or None
             refattn extras: the keep-mask (N, H, L, S_final) or a seed; one of them is
             required in training mode with ``dropout > 0``, and neither may be given
             otherwise.
-        xp : namespace, optional
-            Array namespace of the inputs; inferred when None.
+        xp : namespace or str, optional
+            Array namespace of the inputs or its name, e.g. ``xp="numpy"``; inferred
+            when None.
 
         Returns
         -------
@@ -329,14 +332,20 @@ bias_v : array or None
             Dtype of the copies; default the module's own dtype.
         like : array, optional
             Put the copies in this array's library and on its device.
-        xp : namespace, optional
-            The copies' library; default NumPy (host copies).
+        xp : namespace or str, optional
+            The copies' library or its name, e.g. ``xp="torch"``; default NumPy (host
+            copies).
 
         Returns
         -------
         MultiheadAttention
             Independent copies of the weights (later changes to either side do not
             propagate), with the module's ``training`` flag.
+
+        Raises
+        ------
+        TypeError
+            ``module`` is not a ``torch.nn.MultiheadAttention``.
 
         Examples
         --------
@@ -346,6 +355,12 @@ bias_v : array or None
         >>> mha.k_proj_weight.shape, mha.in_proj_weight is None
         ((4, 3), True)
         """
+        torch = sys.modules.get("torch")  # a torch module exists only once torch is imported
+        if torch is None or not isinstance(module, torch.nn.MultiheadAttention):
+            raise TypeError(
+                "module must be a torch.nn.MultiheadAttention; got "
+                f"{type(module).__module__}.{type(module).__qualname__}"
+            )
         host = {name: to_numpy(p) for name, p in module.state_dict().items()}
         if dtype is None:
             dtype = str(next(iter(module.state_dict().values())).dtype).removeprefix("torch.")

@@ -7,13 +7,13 @@ them whatever the library.
 
 from __future__ import annotations
 
-import numbers
 from typing import Any
 
 import array_api_compat
 import numpy as np
 
-from ..._namespace import infer_namespace
+from ..._dropout import as_generator
+from ..._namespace import infer_namespace, namespace_module
 from ..._types import Array, Device, Namespace
 
 __all__ = ["Linear", "dtype_name", "generator", "resolve_dtype", "resolve_namespace"]
@@ -38,8 +38,9 @@ def resolve_namespace(like: Array | None, xp: Namespace | None) -> tuple[Namespa
         return infer_namespace({"like": like}, xp=xp)
     if xp is None:
         return array_api_compat.array_namespace(np.empty(0)), None
-    # A namespace given alone: ask it for an array, then wrap it as the compat layer does.
-    return array_api_compat.array_namespace(xp.empty((0,))), None
+    # A namespace (or its name) given alone: ask it for an array, then wrap it as the
+    # compat layer does.
+    return array_api_compat.array_namespace(namespace_module(xp).empty((0,))), None
 
 
 def resolve_dtype(dtype: Any, xp: Namespace) -> Any:
@@ -65,8 +66,4 @@ def dtype_name(dtype: Any, xp: Namespace) -> str:
 
 
 def generator(seed: Any) -> np.random.Generator:
-    if isinstance(seed, np.random.Generator):
-        return seed
-    if isinstance(seed, numbers.Integral) and not isinstance(seed, bool):
-        return np.random.default_rng(int(seed))
-    raise TypeError(f"seed must be an int or a numpy.random.Generator; got {seed!r}")
+    return as_generator("seed", seed)

@@ -118,14 +118,18 @@ def _not_implemented(name: str, value: Any, function: str, hint: str) -> None:
         )
 
 
-def _compute_inputs(xp: Any, *arrays: Any) -> tuple[Any, ...]:
+def _compute_inputs(xp: Any, named: dict[str, Any]) -> tuple[Any, tuple[Any, ...]]:
+    """(the inputs' one dtype, the arrays of ``named`` in order, widened if 16-bit)."""
+    # The dtypes are compared before widening: afterwards float16 q with float64 k would
+    # look like one dtype and pass silently.
+    dtype = _validate.check_one_dtype(named)
+    arrays = tuple(named.values())
     # float16/bfloat16 inputs are widened to float64 here so that the output is rounded
     # once, float64 -> input dtype, and the LSE can come back in float32 (flash-attn's
     # dtype) instead of being rounded to the 16-bit input dtype first.
-    dtype = arrays[0].dtype
     if dtype in (xp.float32, xp.float64):
-        return arrays
-    return tuple(None if x is None else xp.astype(x, xp.float64) for x in arrays)
+        return dtype, arrays
+    return dtype, tuple(None if x is None else xp.astype(x, xp.float64) for x in arrays)
 
 
 def _lse_dtype(xp: Any, dtype: Any) -> Any:

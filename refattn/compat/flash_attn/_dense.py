@@ -80,8 +80,9 @@ def flash_attn_func(
     lse_convention : {"fa2", "fa3"}
         LSE of a row that sees no key (or whose exp-sum is NaN): +inf as flash-attn 2
         returns it, or -inf as flash-attn 3 does.
-    xp : namespace, optional
-        Array namespace of the inputs; inferred when None.
+    xp : namespace or str, optional
+        Array namespace of the inputs or its name, e.g. ``xp="numpy"``; inferred
+        when None.
 
     Returns
     -------
@@ -132,7 +133,8 @@ def flash_attn_func(
     (dtype('float64'), (2, 4, 3, 5))
     """
     xp, _ = infer_namespace({"q": q, "k": k, "v": v, "alibi_slopes": alibi_slopes},
-                            {"dropout_mask": dropout_mask}, xp=xp)
+                            {"dropout_mask": dropout_mask}, xp=xp,
+                            required=("q", "k", "v"))
     _check_convention(lse_convention)
     B, L, H, E = _shape4("q", q, "(B, L, H, E)")
     k_shape = _shape4("k", k, "(B, S, K, E)")
@@ -146,8 +148,7 @@ def flash_attn_func(
     cap = _softcap(softcap)
     fw = flash_window(window_size, causal, seqlen_q=L, seqlen_k=S,
                       has_alibi=alibi_slopes is not None)
-    dtype = q.dtype
-    qc, kc, vc = _compute_inputs(xp, q, k, v)
+    dtype, (qc, kc, vc) = _compute_inputs(xp, {"q": q, "k": k, "v": v})
     res = attention(
         qc, kc, vc, window=fw.window, alignment="bottom_right", scale=softmax_scale,
         softcap=cap, alibi_slopes=alibi_slopes, dropout_p=dropout_p,

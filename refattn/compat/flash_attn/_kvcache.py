@@ -125,8 +125,9 @@ def flash_attn_with_kvcache(
         Also return the LSE (B, H, L): float32, float64 for float64 inputs.
     lse_convention : {"fa2", "fa3"}
         Keyword only, as for :func:`flash_attn_func`.
-    xp : namespace, optional
-        Array namespace of the inputs; inferred when None.
+    xp : namespace or str, optional
+        Array namespace of the inputs or its name, e.g. ``xp="numpy"``; inferred
+        when None.
 
     Returns
     -------
@@ -168,7 +169,8 @@ def flash_attn_with_kvcache(
         {"q": q, "k_cache": k_cache, "v_cache": v_cache, "k": k, "v": v,
          "alibi_slopes": alibi_slopes},
         {"cache_seqlens": cache_seqlens if hasattr(cache_seqlens, "dtype") else None,
-         "cache_batch_idx": cache_batch_idx, "block_table": block_table}, xp=xp)
+         "cache_batch_idx": cache_batch_idx, "block_table": block_table}, xp=xp,
+        required=("q", "k_cache", "v_cache"))
     _check_convention(lse_convention)
     B, L, H, E = _shape4("q", q, "(B, L, H, E)")
     paged = block_table is not None
@@ -205,8 +207,8 @@ def flash_attn_with_kvcache(
             )
         index = _batch_index(cache_batch_idx, B, kc_shape[0], writes, xp)
         k_cache, v_cache = (xp.take(c, index, axis=0) for c in (k_cache, v_cache))
-    dtype = q.dtype
-    qc, kcc, vcc, kn, vn = _compute_inputs(xp, q, k_cache, v_cache, k, v)
+    dtype, (qc, kcc, vcc, kn, vn) = _compute_inputs(
+        xp, {"q": q, "k_cache": k_cache, "v_cache": v_cache, "k": k, "v": v})
     res = attention_with_kvcache(
         qc, kcc, vcc, k=kn, v=vn, cache_seqlens=cache_seqlens, block_table=block_table,
         window=fw.window, scale=softmax_scale, softcap=cap, alibi_slopes=alibi_slopes,

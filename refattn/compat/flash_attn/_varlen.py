@@ -160,8 +160,9 @@ def flash_attn_varlen_func(
         Keyword only: draws the keep-mask on the host at (H, total_q, total_k).
     lse_convention : {"fa2", "fa3"}
         As for :func:`flash_attn_func`.
-    xp : namespace, optional
-        Array namespace of the inputs; inferred when None.
+    xp : namespace or str, optional
+        Array namespace of the inputs or its name, e.g. ``xp="numpy"``; inferred
+        when None.
 
     Returns
     -------
@@ -198,7 +199,8 @@ def flash_attn_varlen_func(
                      "into packed k and v")
     xp, device = infer_namespace({"q": q, "k": k, "v": v, "alibi_slopes": alibi_slopes},
                                  {"cu_seqlens_q": cu_seqlens_q, "cu_seqlens_k": cu_seqlens_k,
-                                  "dropout_mask": dropout_mask}, xp=xp)
+                                  "dropout_mask": dropout_mask}, xp=xp,
+                                 required=("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k"))
     _check_convention(lse_convention)
     for name, x, legend in (("q", q, "(total_q, H, E)"), ("k", k, "(total_k, K, E)"),
                             ("v", v, "(total_k, K, Ev)")):
@@ -227,8 +229,7 @@ def flash_attn_varlen_func(
             )
         keep = _pack_keep_mask(dropout_mask, cu_seqlens_q, cu_seqlens_k, H, max_q, max_k,
                                xp=xp)
-    dtype = q.dtype
-    qc, kc, vc = _compute_inputs(xp, q, k, v)
+    dtype, (qc, kc, vc) = _compute_inputs(xp, {"q": q, "k": k, "v": v})
     res = attention_varlen(
         qc, kc, vc, cu_seqlens_q, cu_seqlens_k, alignment="bottom_right", window=fw.window,
         scale=softmax_scale, softcap=cap, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
