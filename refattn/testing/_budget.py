@@ -3,7 +3,8 @@
 ``compute_reference`` runs the float64 oracle on a problem and gathers what each
 tensor's budget is made of: the float64 rounding bounds, or for lower precisions the
 error of the plain baselines and the floor (one unit roundoff times the size of the
-terms the tensor sums). ``_Tensor`` holds one compared tensor and its verdict.
+terms the tensor sums, and for the output what the rounding of the scores moves it by).
+``_Tensor`` holds one compared tensor and its verdict.
 """
 
 from __future__ import annotations
@@ -24,6 +25,15 @@ __all__ = ["Reference", "compute_reference"]
 
 _FLOAT_OPTIONS = ("bias", "alibi_slopes")
 _GRAD_NAMES = ("dq", "dk", "dv", "dbias")
+_NONADDITIVE = ("alibi_slopes", "softcap", "score_mod")
+#: The unit roundoff of the scores: every low-precision kernel the rule is written for
+#: accumulates q k^T in float32, as the baseline does (docs/testing.rst, "The floor").
+_SCORE_U = 2.0**-24
+#: Score roundings the output's floor allows for: the kernel's and the baseline's, which
+#: are independent, so that one may cancel where the other does not (docs/testing.rst).
+_SCORE_ROUNDINGS = 2.0
+# Entries of the (rows, S, Ev) product formed at once by _score_rounding_size.
+_CHUNK = 2**22
 
 
 def _blhd_to_bhld(x: np.ndarray, layout: str) -> np.ndarray:
@@ -105,6 +115,62 @@ def _logit_extra(q: np.ndarray, k: np.ndarray, options: dict[str, Any], scale: f
         finite = np.nan_to_num(to_numpy(bias, float64=True), posinf=0, neginf=0)
         extra += float(np.max(np.abs(finite), initial=0.0))
     return np.asarray([extra])
+
+
+def _finite(x: np.ndarray) -> np.ndarray:
+    return np.where(np.isfinite(x), x, 0.0)
+
+
+def _rank3(x: np.ndarray) -> np.ndarray:
+    # refattn's 2-D form (L, E) has no head axis; the sums below want one.
+    return x[None] if x.ndim == 2 else x
+
+
+def _score_rounding_size(host: dict[str, np.ndarray], out: np.ndarray, weights: np.ndarray,
+                         lse: np.ndarray | None, options: dict[str, Any], scale: float,
+                         keep_scale: float) -> float:
+    """max_(i, c) sum_j P_ij |c keep_ij V_jc - O_ic| A_ij: the output's first-order
+    response to moving every score s_ij by A_ij, the size of the terms it sums, with
+    the signs that add up.
+
+    O_i = sum_j c keep_ij P_ij V_j with P = softmax(s) moves by d O_i = sum_j P_ij
+    (c keep_ij V_j - O_i) d s_ij when the scores move by d s (dP_ij = P_ij (ds_ij -
+    sum_l P_il ds_il)). A_ij = |scale| sum_e |q_ie| |k_je| plus |bias_ij|, plus the final
+    score |s_ij| where ALiBi, softcap or a score_mod change the scores after the product
+    (read off the oracle: s = lse + log P where P > 0). Masked keys have P = 0 and add
+    nothing; non-finite inputs (NaN query rows) add nothing either.
+    """
+    q, k, v = (_rank3(_finite(host[n])) for n in ("q", "k", "v"))
+    o, p = _rank3(_finite(out)), _rank3(_finite(weights))
+    H = q.shape[-3]
+    # Grouped-query: key/value head g serves query heads g*G .. g*G+G-1.
+    k, v = (x if x.shape[-3] == H else np.repeat(x, H // x.shape[-3], axis=-3)
+            for x in (k, v))
+    size = abs(scale) * (np.abs(q) @ np.swapaxes(np.abs(k), -1, -2))
+    bias = options.get("bias")
+    if bias is not None:
+        size = size + np.abs(_finite(to_numpy(bias, float64=True)))
+    if lse is not None:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            final = _rank3(to_numpy(lse, float64=True))[..., None] + np.log(p)
+        size = size + np.where(p > 0, np.abs(_finite(final)), 0.0)
+    pa = p * size
+    keep = options.get("dropout_mask")
+    gain = np.asarray(keep_scale if keep is None else
+                      keep_scale * _rank3(to_numpy(keep, float64=True)))
+    if gain.ndim:
+        gain = gain[..., None]  # (..., L, S, 1) against V's (..., 1, S, Ev)
+    L, S, Ev = o.shape[-2], k.shape[-2], v.shape[-1]
+    lead = int(np.prod(np.broadcast_shapes(pa.shape[:-2], v.shape[:-2])))
+    step = max(1, _CHUNK // max(1, lead * S * Ev))
+    worst = 0.0
+    for l0 in range(0, L, step):
+        rows = slice(l0, l0 + step)
+        g = gain if gain.ndim == 0 else gain[..., rows, :, :] if gain.shape[-3] > 1 else gain
+        spread = np.abs(g * v[..., None, :, :] - o[..., rows, None, :])
+        worst = max(worst, float(np.max(np.sum(pa[..., rows, :, None] * spread, axis=-2),
+                                        initial=0.0)))
+    return worst
 
 
 def _finite_max(x: np.ndarray) -> float:
@@ -214,7 +280,12 @@ def compute_reference(q: Array, k: Array, v: Array, *, kind: str, options: dict[
     def run_oracle(**extra: Any) -> Any:
         return attention(f64["q"], f64["k"], f64["v"], **opts64, **extra)
 
-    oracle: dict[str, Any] = {"out": to_numpy(run_oracle(), float64=True)}
+    low = kind != "float64"
+    # Low precisions need the oracle's weights (and, where the scores are changed after
+    # the product, its LSE) for the floor of the output.
+    nonadditive = any(options.get(n) is not None for n in _NONADDITIVE)
+    first = run_oracle(return_weights=low, return_lse=low and nonadditive)
+    oracle: dict[str, Any] = {"out": to_numpy(first.out if low else first, float64=True)}
     if grad_out is not None:
         grads = attention_backward(xp.astype(grad_out, xp.float64), f64["q"], f64["k"],
                                    f64["v"], **opts64)
@@ -247,6 +318,9 @@ def compute_reference(q: Array, k: Array, v: Array, *, kind: str, options: dict[
                                     grad_out=grad_out, placement=placement, xp=xp)
              for placement in SCALE_PLACEMENTS]
     sizes = {"out": (_finite_max(host["v"]) * keep_scale, "max|V| / (1 - dropout_p)")}
+    score_size = _score_rounding_size(
+        host, _blhd_to_bhld(oracle["out"], layout), to_numpy(first.weights, float64=True),
+        first.lse if nonadditive else None, options, scale, keep_scale)
     if grad_out is not None:
         sizes.update(_gradient_term_sizes(host, grad_out, options, opts64, f64, scale,
                                           keep_scale, xp))
@@ -258,4 +332,9 @@ def compute_reference(q: Array, k: Array, v: Array, *, kind: str, options: dict[
         ref.floor[name] = u * size
         ref.floor_how[name] = (f"u = eps/2 of {kind} times {what} = {size:.4g}, the size of "
                                "the terms it sums")
+    ref.floor["out"] += _SCORE_ROUNDINGS * _SCORE_U * score_size
+    ref.floor_how["out"] += (
+        f"; plus {_SCORE_ROUNDINGS:g} x 2^-24 x max_i sum_j P_ij |V_j - O_i| A_ij = "
+        f"{score_size:.4g}, what one float32 rounding of each score at the size A of its "
+        "terms moves the output by")
     return ref
