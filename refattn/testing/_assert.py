@@ -203,7 +203,7 @@ def assert_attention_close(
       alone costs up to that much, so the budget cannot fall below what a correct
       implementation must lose, even where the baseline happens to be exact (one key,
       equal values). Each floor adds twice what one float32 rounding of every score
-      at the size of its terms (A_ij = |scale| sum_e |q_ie||k_je| + |bias_ij|) moves
+      at the size of its terms (``A_ij = |scale| sum_e |q_ie| |k_je| + |bias_ij|``) moves
       the tensor by, for the output ``2 * 2**-24 * max_(i, c) sum_j P_ij |V_jc - O_ic|
       A_ij``: the kernel and the baseline each round their scores, and at large logits
       that exceeds the baseline's error where its scores happened to round well
