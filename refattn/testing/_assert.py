@@ -8,7 +8,8 @@ refattn's float64 oracle on the same inputs:
 * float32, float16 and bfloat16 results: the flash-attention rule, per tensor,
   ``max|actual - oracle| <= factor * max|baseline - oracle| + floor``, where the
   baseline is a plain implementation in the same precision (``_baseline``) and the
-  floor is one unit roundoff of the largest value the tensor may hold (see
+  floor is one unit roundoff of the largest value the tensor may hold, plus what the
+  float32 rounding of the scores moves the tensor by (see
   ``assert_attention_close``).
 
 The oracle and the budgets are computed in ``_budget``; ``decode_flash_dropout_mask``
@@ -201,7 +202,12 @@ def assert_attention_close(
       oracle's gradient g for each gradient. Rounding the exact result to the dtype
       alone costs up to that much, so the budget cannot fall below what a correct
       implementation must lose, even where the baseline happens to be exact (one key,
-      equal values).
+      equal values). Each floor adds twice what one float32 rounding of every score
+      at the size of its terms (``A_ij = |scale| sum_e |q_ie| |k_je| + |bias_ij|``) moves
+      the tensor by, for the output ``2 * 2**-24 * max_(i, c) sum_j P_ij |V_jc - O_ic|
+      A_ij``: the kernel and the baseline each round their scores, and at large logits
+      that exceeds the baseline's error where its scores happened to round well
+      (docs/testing.rst, "The floor").
 
     NaN or infinity where the oracle has a finite value (or the reverse), and a shape
     that differs from the oracle's, fail whatever the budget.

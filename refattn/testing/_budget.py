@@ -3,7 +3,8 @@
 ``compute_reference`` runs the float64 oracle on a problem and gathers what each
 tensor's budget is made of: the float64 rounding bounds, or for lower precisions the
 error of the plain baselines and the floor (one unit roundoff times the size of the
-terms the tensor sums). ``_Tensor`` holds one compared tensor and its verdict.
+terms the tensor sums, plus what the rounding of the scores moves the tensor by).
+``_Tensor`` holds one compared tensor and its verdict.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from .. import _tolerance
-from .._arrays import swap_head_axis, to_numpy
+from .._arrays import sum_to_shape, swap_head_axis, to_numpy
 from .._front_door import attention, attention_backward
 from .._types import Array, Namespace
 from ._baseline import EPS, SCALE_PLACEMENTS, low_precision_baseline
@@ -24,6 +25,15 @@ __all__ = ["Reference", "compute_reference"]
 
 _FLOAT_OPTIONS = ("bias", "alibi_slopes")
 _GRAD_NAMES = ("dq", "dk", "dv", "dbias")
+_NONADDITIVE = ("alibi_slopes", "softcap", "score_mod")
+#: The unit roundoff of the scores: every low-precision kernel the rule is written for
+#: accumulates q k^T in float32, as the baseline does (docs/testing.rst, "The floor").
+_SCORE_U = 2.0**-24
+#: Score roundings the output's floor allows for: the kernel's and the baseline's, which
+#: are independent, so that one may cancel where the other does not (docs/testing.rst).
+_SCORE_ROUNDINGS = 2.0
+# Entries of the (rows, S, Ev) product formed at once by _score_rounding_size.
+_CHUNK = 2**22
 
 
 def _blhd_to_bhld(x: np.ndarray, layout: str) -> np.ndarray:
@@ -105,6 +115,111 @@ def _logit_extra(q: np.ndarray, k: np.ndarray, options: dict[str, Any], scale: f
         finite = np.nan_to_num(to_numpy(bias, float64=True), posinf=0, neginf=0)
         extra += float(np.max(np.abs(finite), initial=0.0))
     return np.asarray([extra])
+
+
+def _finite(x: np.ndarray) -> np.ndarray:
+    return np.where(np.isfinite(x), x, 0.0)
+
+
+def _rank3(x: np.ndarray) -> np.ndarray:
+    # refattn's 2-D form (L, E) has no head axis; the sums below want one.
+    return x[None] if x.ndim == 2 else x
+
+
+class _ScoreRounding:
+    """What the float32 rounding of the scores moves each tensor by (docs/testing.rst,
+    "The floor"), to first order, with every score moved by A_ij and the signs that add
+    up.
+
+    A_ij = |scale| sum_e |q_ie| |k_je| plus |bias_ij|, plus the final score |s_ij| where
+    ALiBi, softcap or a score_mod change the scores after the product (read off the
+    oracle: s = lse + log P where P > 0): the size of the terms a score sums. Moving the
+    scores by ds moves P = softmax(s) by dP_ij = P_ij (ds_ij - sum_l P_il ds_il), so by
+    at most P_ij (A_ij + Abar_i) with Abar_i = sum_l P_il A_il. Masked keys have P = 0
+    and add nothing; non-finite inputs (NaN query rows) add nothing either. Arrays are
+    (..., H, L, S), keys and values repeated over grouped query heads.
+    """
+
+    def __init__(self, host: dict[str, np.ndarray], out: np.ndarray, weights: np.ndarray,
+                 lse: np.ndarray | None, options: dict[str, Any], scale: float,
+                 keep_scale: float) -> None:
+        q, k, v = (_rank3(_finite(host[n])) for n in ("q", "k", "v"))
+        self.o, self.p = _rank3(_finite(out)), _rank3(_finite(weights))
+        H = q.shape[-3]
+        # Grouped-query: key/value head g serves query heads g*G .. g*G+G-1.
+        k, v = (x if x.shape[-3] == H else np.repeat(x, H // x.shape[-3], axis=-3)
+                for x in (k, v))
+        self.q, self.k, self.v, self.scale = q, k, v, abs(scale)
+        size = self.scale * (np.abs(q) @ np.swapaxes(np.abs(k), -1, -2))
+        bias = options.get("bias")
+        if bias is not None:
+            size = size + np.abs(_finite(to_numpy(bias, float64=True)))
+        if lse is not None:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                final = _rank3(to_numpy(lse, float64=True))[..., None] + np.log(self.p)
+            size = size + np.where(self.p > 0, np.abs(_finite(final)), 0.0)
+        self.size = size
+        keep = options.get("dropout_mask")
+        # c keep_ij: what weight ij is multiplied by on its way to the output.
+        self.gain = np.asarray(keep_scale if keep is None else
+                               keep_scale * _rank3(to_numpy(keep, float64=True)))
+
+    def out(self) -> float:
+        """max_(i, c) sum_j P_ij |c keep_ij V_jc - O_ic| A_ij.
+
+        O_i = sum_j c keep_ij P_ij V_j moves by sum_j P_ij (c keep_ij V_j - O_i) ds_ij.
+        """
+        o, v, pa = self.o, self.v, self.p * self.size
+        gain = self.gain[..., None] if self.gain.ndim else self.gain  # (..., L, S, 1)
+        L, S, Ev = o.shape[-2], v.shape[-2], v.shape[-1]
+        lead = int(np.prod(np.broadcast_shapes(pa.shape[:-2], v.shape[:-2])))
+        step = max(1, _CHUNK // max(1, lead * S * Ev))
+        worst = 0.0
+        for l0 in range(0, L, step):
+            rows = slice(l0, l0 + step)
+            g = gain if gain.ndim == 0 or gain.shape[-3] == 1 else gain[..., rows, :, :]
+            spread = np.abs(g * v[..., None, :, :] - o[..., rows, None, :])
+            worst = max(worst, float(np.max(np.sum(pa[..., rows, :, None] * spread, axis=-2),
+                                            initial=0.0)))
+        return worst
+
+    def gradients(self, do: np.ndarray, shapes: dict[str, tuple[int, ...]],
+                  bias_shape: tuple[int, ...] | None) -> dict[str, float]:
+        """The same for dQ, dK, dV and d bias, given the output gradient dO (BHLD).
+
+        dV_j = sum_i c keep_ij P_ij dO_i moves by at most sum_i c keep_ij P_ij (A_ij +
+        Abar_i) |dO_i|. dS_ij = P_ij (G_ij - D_i) with G_ij - D_i = dO_i . (c keep_ij V_j -
+        O_i) =: Y_ij (signed); D_i = dO_i . O_i moves by dO_i . dO_i^out, at most sum_l
+        P_il |Y_il| A_il, so dS_ij moves by at most Z_ij = P_ij ((A_ij + Abar_i) |Y_ij| +
+        sum_l P_il |Y_il| A_il); dQ = scale dS K and dK = scale dS^T Q by |scale| Z |K|
+        and |scale| Z^T |Q|, d bias by Z summed into its entries.
+        """
+        p, a, gain = self.p, self.size, self.gain
+        do = _rank3(_finite(do))
+        abar = np.sum(p * a, axis=-1, keepdims=True)
+        moved = p * (a + abar)
+        dv = np.swapaxes(gain * moved, -1, -2) @ np.abs(do)
+        y = np.abs(gain * (do @ np.swapaxes(self.v, -1, -2))
+                   - np.sum(do * self.o, axis=-1, keepdims=True))
+        z = moved * y + p * np.sum(p * y * a, axis=-1, keepdims=True)
+        dq = self.scale * (z @ np.abs(self.k))
+        dk = self.scale * (np.swapaxes(z, -1, -2) @ np.abs(self.q))
+        sizes = {"dq": _summed(dq, shapes["q"]), "dk": _summed(dk, shapes["k"]),
+                 "dv": _summed(dv, shapes["v"])}
+        if bias_shape is not None:
+            sizes["dbias"] = _summed(z, bias_shape)
+        return sizes
+
+
+def _summed(x: np.ndarray, shape: tuple[int, ...]) -> float:
+    """max|entry| of an input's gradient bound x (..., H, n, d), summed as the input was
+    used: over the query heads a grouped key head serves, then over broadcast axes."""
+    if len(shape) >= 3 and x.ndim >= 3 and shape[-3] != x.shape[-3]:
+        *lead, H, n, d = x.shape
+        x = np.sum(np.reshape(x, (*lead, shape[-3], H // shape[-3], n, d)), axis=-3)
+    if len(shape) == 2 and x.ndim == 3:
+        x = x[0]
+    return float(np.max(sum_to_shape(x, shape, xp=np), initial=0.0))
 
 
 def _finite_max(x: np.ndarray) -> float:
@@ -214,7 +329,12 @@ def compute_reference(q: Array, k: Array, v: Array, *, kind: str, options: dict[
     def run_oracle(**extra: Any) -> Any:
         return attention(f64["q"], f64["k"], f64["v"], **opts64, **extra)
 
-    oracle: dict[str, Any] = {"out": to_numpy(run_oracle(), float64=True)}
+    low = kind != "float64"
+    # Low precisions need the oracle's weights (and, where the scores are changed after
+    # the product, its LSE) for the floor of the output.
+    nonadditive = any(options.get(n) is not None for n in _NONADDITIVE)
+    first = run_oracle(return_weights=low, return_lse=low and nonadditive)
+    oracle: dict[str, Any] = {"out": to_numpy(first.out if low else first, float64=True)}
     if grad_out is not None:
         grads = attention_backward(xp.astype(grad_out, xp.float64), f64["q"], f64["k"],
                                    f64["v"], **opts64)
@@ -247,6 +367,16 @@ def compute_reference(q: Array, k: Array, v: Array, *, kind: str, options: dict[
                                     grad_out=grad_out, placement=placement, xp=xp)
              for placement in SCALE_PLACEMENTS]
     sizes = {"out": (_finite_max(host["v"]) * keep_scale, "max|V| / (1 - dropout_p)")}
+    scores = _ScoreRounding(
+        host, _blhd_to_bhld(oracle["out"], layout), to_numpy(first.weights, float64=True),
+        first.lse if nonadditive else None, options, scale, keep_scale)
+    moved = {"out": scores.out()}
+    if grad_out is not None:
+        bias = options.get("bias")
+        moved.update(scores.gradients(
+            _blhd_to_bhld(to_numpy(grad_out, float64=True), layout),
+            {n: host[n].shape for n in ("q", "k", "v")},
+            None if bias is None else tuple(bias.shape)))
     if grad_out is not None:
         sizes.update(_gradient_term_sizes(host, grad_out, options, opts64, f64, scale,
                                           keep_scale, xp))
@@ -258,4 +388,8 @@ def compute_reference(q: Array, k: Array, v: Array, *, kind: str, options: dict[
         ref.floor[name] = u * size
         ref.floor_how[name] = (f"u = eps/2 of {kind} times {what} = {size:.4g}, the size of "
                                "the terms it sums")
+        ref.floor[name] += _SCORE_ROUNDINGS * _SCORE_U * moved[name]
+        ref.floor_how[name] += (
+            f"; plus {_SCORE_ROUNDINGS:g} x 2^-24 x {moved[name]:.4g}, what one float32 "
+            "rounding of each score at the size A of its terms moves it by")
     return ref
