@@ -67,6 +67,20 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+# The shape edge classes, each drawn with a deliberate share (docs/testing.rst,
+# "Strategies"): drawn independently, L = S, K = 1 < H, 1 < K < H and L = S = E each come
+# up in a few percent of draws only, yet each hides its own classic bug (keys truncated
+# to L, a causal mask aligned the wrong way, kv heads repeated instead of interleaved,
+# a transposition that only type-checks when the sizes agree).
+SHAPE_EDGES = ("longer_keys", "longer_queries", "square", "one_kv_head", "grouped_kv_heads",
+               "empty")
+
+
+def _check_flag(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool; got {value!r}")
+
+
 def shapes(
     *,
     max_batch_dims: int = 2,
@@ -80,6 +94,7 @@ def shapes(
     max_head_dim: int = 16,
     equal_lengths: bool = False,
     equal_head_dims: bool = False,
+    edge_cases: bool = True,
 ) -> st.SearchStrategy[Shape]:
     """Sizes (batch, H, K | H, Kv | H, L, S, E, Ev).
 
@@ -97,6 +112,13 @@ def shapes(
         Range of E and Ev.
     equal_lengths, equal_head_dims : bool
         Force L == S, or E == Ev.
+    edge_cases : bool
+        First draw an edge class, each with its share of the draws: L < S
+        (``"longer_keys"``), L > S (``"longer_queries"``), L = S = E (``"square"``),
+        K = Kv = 1 < H (``"one_kv_head"``), 1 < K = Kv < H (``"grouped_kv_heads"``) and
+        L or S = 0 (``"empty"``), among those the other bounds allow; the rest of the
+        draws are plain (every size drawn independently, the class hypothesis shrinks
+        to). False draws every size independently.
 
     Examples
     --------
@@ -104,15 +126,36 @@ def shapes(
     >>> s = shapes(max_len=4, gqa=False).example()
     >>> s.K == s.H and s.L <= 4
     True
+    >>> s = shapes(edge_cases=False, min_len=2, max_len=2).example()
+    >>> s.L == s.S == 2
+    True
     """
     _check_range("batch dims", 0, max_batch_dims, 0)
     _check_range("batch", 1, max_batch, 1)
     _check_range("heads", min_heads, max_heads, 1)
     _check_range("lengths", min_len, max_len, 0)
     _check_range("head dims", min_head_dim, max_head_dim, 1)
+    _check_flag("edge_cases", edge_cases)
+    heads = range(min_heads, max_heads + 1)
+    # H with a divisor strictly between 1 and H (4, 6, 8, 9, ...): grouped kv heads.
+    grouped = [h for h in heads if len(_divisors(h)) > 2]
+    squares = range(max(min_len, min_head_dim, 1), min(max_len, max_head_dim) + 1)
+    feasible = {
+        "longer_keys": max_len > min_len and not equal_lengths,
+        "longer_queries": max_len > min_len and not equal_lengths,
+        "square": len(squares) > 0,
+        "one_kv_head": gqa and max_heads >= 2,
+        "grouped_kv_heads": gqa and bool(grouped),
+        "empty": min_len == 0,
+    }
+    classes = ["plain"] + [c for c in SHAPE_EDGES if edge_cases and feasible[c]]
 
     @st.composite
     def build(draw: st.DrawFn) -> Shape:
+        # The class first, as an index: 0 (plain) is where hypothesis shrinks to. Every
+        # class then makes the same draws and bends them to its class, so that the
+        # shrinker, lowering the index, finds the rest of the example where it was.
+        edge = classes[draw(st.integers(0, len(classes) - 1))]
         nb = draw(st.integers(0, max_batch_dims))
         batch = tuple(draw(st.integers(1, max_batch)) for _ in range(nb))
         H = draw(st.integers(min_heads, max_heads))
@@ -122,6 +165,23 @@ def shapes(
         S = L if equal_lengths else draw(st.integers(min_len, max_len))
         E = draw(st.integers(min_head_dim, max_head_dim))
         Ev = E if equal_head_dims else draw(st.integers(min_head_dim, max_head_dim))
+        if edge == "one_kv_head":
+            H, K, Kv = max(H, 2), 1, 1
+        elif edge == "grouped_kv_heads":
+            H = min((h for h in grouped if h >= H), default=grouped[-1])
+            inner = _divisors(H)[1:-1]
+            K = Kv = inner[K % len(inner)]
+        elif edge in ("longer_keys", "longer_queries"):
+            lo, hi = sorted((L, S))
+            if lo == hi:
+                lo, hi = (lo, hi + 1) if hi < max_len else (lo - 1, hi)
+            L, S = (lo, hi) if edge == "longer_keys" else (hi, lo)
+        elif edge == "square":
+            L = S = E = min(max(L, squares[0]), squares[-1])
+            Ev = E if equal_head_dims else Ev
+        elif edge == "empty":
+            # The shorter of the two, or both when they are equal.
+            L, S = (0 if L <= S else L), (0 if S <= L else S)
         return Shape(batch, H, K, Kv, L, S, E, Ev)
 
     return build()
@@ -267,23 +327,54 @@ def float_masks(
     dtype: str = "float64",
     broadcast: bool = True,
     library: str = "numpy",
+    infinities: bool = False,
+    fully_masked_rows: bool = False,
 ) -> st.SearchStrategy[Any]:
     """Additive float masks (biases) of normal entries times ``magnitude``.
 
+    Parameters
+    ----------
+    magnitude : float
+        Standard deviation of the finite entries.
+    dtype, library
+        Dtype and array library of the mask.
+    broadcast : bool
+        Draw broadcast shapes such as (L, S) or (..., H, 1, S) as well as the full one.
+    infinities : bool
+        Set a drawn share (10, 50 or 90 %) of the entries to -inf, as torch's additive
+        masks mask a key: a kernel must give those keys weight 0 exactly.
+    fully_masked_rows : bool
+        Additionally set at least one whole row to -inf (a query that sees no key).
+
     Examples
     --------
+    >>> import numpy as np
     >>> from refattn.testing.strategies import Shape, float_masks
     >>> b = float_masks(Shape((2,), 1, 1, 1, 3, 3, 2, 2), broadcast=False).example()
     >>> b.shape
     (2, 1, 3, 3)
+    >>> b = float_masks(Shape((), 1, 1, 1, 3, 4, 2, 2), fully_masked_rows=True).example()
+    >>> bool(np.isneginf(b).all(axis=-1).any())
+    True
     """
     _check_common(dtype, library)
+    _check_flag("infinities", infinities)
+    _check_flag("fully_masked_rows", fully_masked_rows)
+    if not (isinstance(magnitude, (int, float)) and magnitude >= 0 and np.isfinite(magnitude)):
+        raise ValueError(f"magnitude must be a non-negative finite number; got {magnitude!r}")
 
     @st.composite
     def build(draw: st.DrawFn) -> Any:
         mshape = _mask_shape(draw, shape, broadcast)
+        # Drawn even when unused, so that every mask makes the same draws.
+        density = draw(st.sampled_from([0.1, 0.5, 0.9]))
         rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-        return _convert(rng.standard_normal(mshape) * magnitude, dtype=dtype, library=library)
+        b = rng.standard_normal(mshape) * magnitude
+        if infinities:
+            b[rng.random(mshape) < density] = -np.inf
+        if fully_masked_rows and mshape[-2] > 0:
+            b[..., int(rng.integers(0, mshape[-2])), :] = -np.inf
+        return _convert(b, dtype=dtype, library=library)
 
     return build()
 

@@ -42,8 +42,10 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
     ) from exc
 
 from ._strategy_shapes import (
+    SHAPE_EDGES,
     Shape,
     _check_common,
+    _check_flag,
     _check_range,
     _convert,
     bool_masks,
@@ -56,6 +58,8 @@ from ._strategy_shapes import (
 )
 
 __all__ = [
+    "CASE_EDGES",
+    "SHAPE_EDGES",
     "AttentionCase",
     "Shape",
     "VarlenCase",
@@ -64,6 +68,7 @@ __all__ = [
     "cu_seqlens",
     "dropout_masks",
     "float_masks",
+    "huge_logit_magnitudes",
     "qkv",
     "shapes",
     "varlen_cases",
@@ -164,6 +169,54 @@ def _to_blhd(x: Array) -> Array:
     return y.contiguous() if hasattr(y, "contiguous") else y
 
 
+# The option edge classes of attention_cases, each drawn with a deliberate share
+# (docs/testing.rst, "Strategies", measured there): drawn independently, a float mask
+# never held -inf, logits never left exp's range, causal was rare in the torch
+# convention (dropped whenever a mask was drawn) and fully masked rows accidental.
+CASE_EDGES = ("neg_inf_mask", "masked_rows", "causal", "huge_logits")
+
+
+def huge_logit_magnitudes(dtype: str) -> tuple[float, float]:
+    """The logit sizes of the ``"huge_logits"`` class of :func:`attention_cases`.
+
+    ``t`` and ``3 t``, where ``t = log(finfo.max)`` is where ``exp`` overflows in the
+    precision a kernel computes its softmax in: float64 for float64 inputs (709.8),
+    float32 otherwise (88.7; half-precision kernels compute their softmax in float32,
+    and one that exponentiates in float16 overflows sooner still, at 11.1). Logits
+    that typically reach ``t`` make a kernel that does not subtract the row maximum
+    overflow (or underflow to 0 / 0) on almost every such case.
+
+    Examples
+    --------
+    >>> from refattn.testing.strategies import huge_logit_magnitudes
+    >>> [round(m, 1) for m in huge_logit_magnitudes("float64")]
+    [709.8, 2129.3]
+    >>> [round(m, 1) for m in huge_logit_magnitudes("bfloat16")]
+    [88.7, 266.2]
+    """
+    _check_common(dtype, "numpy")
+    t = float(np.log(np.finfo(np.float64 if dtype == "float64" else np.float32).max))
+    return t, 3 * t
+
+
+def _case_edges(convention: str, masks: bool, causal: bool) -> list[str]:
+    # The classes a convention can express. JAX's bias is left finite: jax.nn's softmax
+    # of a row of -inf biases is NaN, where refattn's JAX convention (masked_rows=
+    # "uniform") answers the mean of V, so such a draw would test neither. Causal has
+    # twice the weight of the others: in the torch convention the mask classes and most
+    # plain draws cannot be causal (torch refuses attn_mask with is_causal). Huge logits
+    # too: a zero scale (a fifth of the draws) takes them back to 0, and only they find
+    # a kernel that does not subtract the row maximum.
+    available = {
+        "neg_inf_mask": masks and convention in ("refattn", "torch"),
+        "masked_rows": masks and convention in ("refattn", "torch", "jax"),
+        "causal": causal,
+        "huge_logits": True,
+    }
+    edges = [e for e in CASE_EDGES if available[e]]
+    return edges + (["causal"] if causal else []) + ["huge_logits"]
+
+
 def attention_cases(
     *,
     convention: str = "refattn",
@@ -175,6 +228,7 @@ def attention_cases(
     dropout: bool = True,
     window: bool = True,
     logit_magnitudes: tuple[float, ...] = (1.0, 10.0),
+    edge_cases: bool = True,
 ) -> st.SearchStrategy[AttentionCase]:
     """A whole consistent case: inputs plus options, for one convention.
 
@@ -192,11 +246,24 @@ def attention_cases(
     shape
         A strategy of :class:`Shape`; by default ``shapes()``, restricted to what the
         convention accepts (one batch dim and K = Kv for flash and jax, E = Ev for jax).
+        Its own edge classes (L != S both ways, one or grouped kv heads, L = S = E,
+        empty sequences) come with it.
     masks, causal, dropout, window : bool
         Whether to draw these options at all (masks: bool and float masks; flash draws
         softcap and ALiBi under ``masks``, having no mask argument).
     logit_magnitudes : tuple of float
-        Typical logit sizes to draw from.
+        Typical logit sizes to draw from (outside the ``"huge_logits"`` class).
+    edge_cases : bool
+        First draw an edge class, each with its share of the draws (docs/testing.rst):
+        a float mask holding -inf entries, sometimes whole -inf rows
+        (``"neg_inf_mask"``, refattn and torch conventions); a bool or float mask with
+        fully masked rows (``"masked_rows"``; bool only for jax); causal
+        (``"causal"``, twice the share; with a drawn mask or window where the
+        convention allows both); logits of the size of ``exp``'s range
+        (``"huge_logits"``, twice the share, see :func:`huge_logit_magnitudes`). The
+        rest are plain draws, every option drawn independently, the class hypothesis
+        shrinks to. ``masks=False`` and ``causal=False`` leave out their classes. False
+        draws plain cases only.
 
     Examples
     --------
@@ -207,6 +274,10 @@ def attention_cases(
     >>> case = attention_cases(convention="flash").example()
     >>> case.q.shape == (case.shape.batch[0], case.shape.L, case.shape.H, case.shape.E)
     True
+    >>> case = attention_cases(masks=False, causal=False, window=False, dropout=False,
+    ...                        edge_cases=False).example()
+    >>> list(case.kwargs)
+    ['scale']
     """
     _check_common(dtype, library)
     if convention not in _CONVENTIONS:
@@ -214,23 +285,47 @@ def attention_cases(
                          f"{convention!r}")
     if not logit_magnitudes:
         raise ValueError("logit_magnitudes must not be empty")
+    _check_flag("edge_cases", edge_cases)
     shape_strategy = shape if shape is not None else _default_shapes(convention)
+    classes = ["plain"] + (_case_edges(convention, masks, causal) if edge_cases else [])
+    mask_dtype = dtype if convention == "torch" else "float64"
 
     @st.composite
     def build(draw: st.DrawFn) -> AttentionCase:
+        # The class first, as an index: 0 (plain) is where hypothesis shrinks to. Every
+        # class makes the same draws as a plain case and then bends them to its class,
+        # so that the shrinker, lowering the index, finds the rest where it was.
+        edge = classes[draw(st.integers(0, len(classes) - 1))]
         s = draw(shape_strategy)
-        magnitude = draw(st.sampled_from(list(logit_magnitudes)))
+        magnitudes = huge_logit_magnitudes(dtype) if edge == "huge_logits" \
+            else logit_magnitudes
+        magnitude = draw(st.sampled_from(list(magnitudes)))
         q, k, v = draw(qkv(s, dtype=dtype, logit_magnitude=magnitude, library=library))
         kwargs: dict[str, Any] = {}
         kinds = ["none", "bool", "float"] if convention != "flash" else ["none"]
         mask_kind = draw(st.sampled_from(kinds)) if masks else "none"
+        also = draw(st.booleans())  # whole -inf rows, or -inf entries: see below
+        if edge == "neg_inf_mask":
+            mask_kind = "float"
+        elif edge == "masked_rows":
+            mask_kind = "bool" if convention == "jax" or mask_kind == "none" else mask_kind
+        elif edge == "causal" and convention == "torch":
+            mask_kind = "none"  # torch refuses attn_mask together with is_causal
         mask = None
         if mask_kind == "bool":
-            mask = draw(bool_masks(s, library=library))
+            mask = draw(bool_masks(s, fully_masked_rows=edge == "masked_rows",
+                                   library=library))
         elif mask_kind == "float":
-            mask = draw(float_masks(s, dtype=dtype if convention == "torch" else "float64",
-                                    library=library))
-        is_causal = causal and draw(st.booleans())
+            # -inf entries with some whole -inf rows, or whole -inf rows with some -inf
+            # entries elsewhere.
+            mask = draw(float_masks(
+                s, dtype=mask_dtype, library=library,
+                infinities=edge == "neg_inf_mask" or (edge == "masked_rows" and also),
+                fully_masked_rows=edge == "masked_rows" or (edge == "neg_inf_mask" and also)))
+        # Drawn in every class, so that the causal class is not a shorter (simpler to
+        # the shrinker) draw than the plain one.
+        drawn_causal = causal and draw(st.booleans())
+        is_causal = edge == "causal" or drawn_causal
         win = draw(windows(max_size=max(s.S, 1))) if window and draw(st.booleans()) \
             else None
         scale = draw(st.sampled_from([None, None, 0.0, -0.5, 2.0]))

@@ -228,3 +228,105 @@ def test_options_translate_each_convention_into_attention(convention, data):
     want = front(case.q, case.k, case.v, **case.kwargs)
     got = refattn.attention(case.q, case.k, case.v, **case.options())
     np.testing.assert_array_equal(got, want)
+
+
+# --- edge classes: the parameters behind them ----------------------------------------
+
+
+@given(data=st.data())
+def test_every_shape_edge_class_respects_the_bounds(data):
+    # The classes bend plain draws to their shape; whatever the bounds, the result must
+    # stay inside them (and a class the bounds rule out must not be drawn).
+    lo_len = data.draw(st.integers(0, 4))
+    hi_len = data.draw(st.integers(lo_len, 6))
+    lo_h = data.draw(st.integers(1, 4))
+    hi_h = data.draw(st.integers(lo_h, 9))
+    lo_e = data.draw(st.integers(1, 4))
+    hi_e = data.draw(st.integers(lo_e, 6))
+    gqa, eq_len, eq_dim = (data.draw(st.booleans()) for _ in range(3))
+    s = data.draw(ras.shapes(min_len=lo_len, max_len=hi_len, min_heads=lo_h, max_heads=hi_h,
+                             min_head_dim=lo_e, max_head_dim=hi_e, gqa=gqa,
+                             equal_lengths=eq_len, equal_head_dims=eq_dim))
+    assert lo_len <= s.L <= hi_len and lo_len <= s.S <= hi_len
+    assert lo_h <= s.H <= hi_h and lo_e <= s.E <= hi_e and lo_e <= s.Ev <= hi_e
+    assert s.H % s.K == 0 and s.H % s.Kv == 0
+    assert gqa or s.K == s.Kv == s.H
+    assert not eq_len or s.L == s.S
+    assert not eq_dim or s.E == s.Ev
+
+
+@pytest.mark.parametrize("edge,holds", [
+    ("longer_keys", lambda s: s.L < s.S),
+    ("longer_queries", lambda s: s.L > s.S),
+    ("square", lambda s: s.L == s.S == s.E),
+    ("one_kv_head", lambda s: s.K == s.Kv == 1 < s.H),
+    ("grouped_kv_heads", lambda s: 1 < s.K == s.Kv < s.H),
+    ("empty", lambda s: s.L == 0 or s.S == 0),
+])
+def test_each_shape_edge_class_is_drawn(edge, holds):
+    assert edge in ras.SHAPE_EDGES
+    find(ras.shapes(max_heads=6), holds, settings=settings(max_examples=300, database=None))
+
+
+def test_shape_edge_classes_the_bounds_rule_out_are_not_drawn():
+    # min_len = max_len: no L != S, no empty; gqa=False: K = H; E range apart from L's.
+    @settings(max_examples=60, database=None)
+    @given(s=ras.shapes(min_len=3, max_len=3, gqa=False, min_head_dim=5, max_head_dim=8))
+    def check(s):
+        assert s.L == s.S == 3 and s.K == s.Kv == s.H and s.E != s.L
+
+    check()
+
+
+@given(data=st.data(), fully=st.booleans())
+def test_float_masks_with_infinities_hold_minus_inf_and_finite_numbers(data, fully):
+    s = data.draw(ras.shapes(min_len=1, max_len=5))
+    b = data.draw(ras.float_masks(s, infinities=True, fully_masked_rows=fully))
+    np.broadcast_shapes(b.shape, s.scores)
+    assert not np.isnan(b).any() and not np.isposinf(b).any()
+    if fully:
+        assert np.isneginf(b).all(axis=-1).any()
+
+
+def test_float_masks_with_infinities_draw_minus_inf():
+    find(ras.float_masks(ras.Shape((), 1, 1, 1, 3, 3, 1, 1), infinities=True),
+         lambda b: np.isneginf(b).any() and np.isfinite(b).any(),
+         settings=settings(max_examples=100, database=None))
+
+
+@given(b=ras.float_masks(ras.Shape((), 1, 1, 1, 3, 3, 1, 1), magnitude=0.0))
+def test_float_masks_without_infinities_are_finite(b):
+    assert (b == 0).all()
+
+
+@pytest.mark.parametrize("convention", ["refattn", "torch", "flash", "jax"])
+def test_attention_cases_draw_logits_beyond_exps_range(convention):
+    # The huge-logit class: some logit beyond log(float64 max) in a float64 case.
+    limit = np.log(np.finfo(np.float64).max)
+
+    def huge(c):
+        q, k = (np.asarray(x) for x in (c.q, c.k))
+        if convention in ("flash", "jax"):
+            q, k = np.swapaxes(q, -2, -3), np.swapaxes(k, -2, -3)
+        return q.size > 0 and k.size > 0 and np.abs(q @ np.swapaxes(
+            np.repeat(k, c.shape.H // c.shape.K, axis=-3), -1, -2)).max() > limit
+
+    find(ras.attention_cases(convention=convention), huge,
+         settings=settings(max_examples=300, database=None))
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda: ras.shapes(edge_cases="yes"), "edge_cases must be a bool"),
+    (lambda: ras.attention_cases(edge_cases=None), "edge_cases must be a bool"),
+    (lambda: ras.float_masks(S, infinities=1), "infinities must be a bool"),
+    (lambda: ras.float_masks(S, fully_masked_rows="no"), "fully_masked_rows must be a bool"),
+])
+def test_edge_flags_must_be_bools(call, message):
+    with pytest.raises(TypeError, match=message):
+        call()
+
+
+@pytest.mark.parametrize("magnitude", [-1.0, float("inf"), "3"])
+def test_float_masks_refuse_a_bad_magnitude(magnitude):
+    with pytest.raises(ValueError, match="magnitude must be a non-negative finite number"):
+        ras.float_masks(S, magnitude=magnitude)
