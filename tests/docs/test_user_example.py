@@ -39,7 +39,11 @@ def my_attention(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gq
     # convention) instead of NaN.
     m = s.amax(dim=-1, keepdim=True).nan_to_num(neginf=0.0)
     p = torch.exp(s - m)
-    p = p / p.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(work).tiny)
+    # A row shifted by its max sums to at least 1; only a fully masked row sums to 0.
+    # Clamping at 1 leaves the others alone and keeps the backward finite there (a
+    # clamp at a tiny value would divide the gradient by it, overflow, and meet
+    # exp(-inf) = 0 as inf * 0 = NaN).
+    p = p / p.sum(dim=-1, keepdim=True).clamp_min(1.0)
     return (p @ v).to(dtype)
 
 
