@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 
 from ..._types import Array, Namespace
 from ._inputs import _Inputs, _Rows
-from ._items import _batch_index
+from ._items import _batch_index, squared_row_norms
 from ._plan import _Plan
 
 
@@ -57,7 +57,7 @@ def _rows_range(inp: _Inputs, rows: _Rows, kh: int) -> _Range | None:
         return _with_bias(inp, _capped(inp, 0.0))
     xp = inp.xp
     k_norm = float(inp.k_norm[(*_batch_index(inp.k_norm, rows.b), kh)])
-    cs = math.sqrt(float(xp.max(xp.vecdot(rows.q, rows.q)))) * k_norm
+    cs = math.sqrt(float(xp.max(squared_row_norms(rows.q, xp)))) * k_norm
     return _with_bias(inp, _capped(inp, cs))
 
 
@@ -131,7 +131,7 @@ def _zero_shift_everywhere(inp: _Inputs, plan: _Plan) -> bool:
     xp = inp.xp
     if not _bounded(inp) or plan.L == 0 or plan.S == 0:
         return False
-    q_norm = math.sqrt(float(xp.max(xp.vecdot(inp.q, inp.q)))) * abs(inp.scale)
+    q_norm = math.sqrt(float(xp.max(squared_row_norms(inp.q, xp)))) * abs(inp.scale)
     span = _with_bias(inp, _capped(inp, q_norm * float(xp.max(inp.k_norm))))
     if span is None:
         return False

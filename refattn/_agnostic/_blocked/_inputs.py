@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from ..._types import Array, Device, Namespace
 from .._masks import evaluate_mask_mod, index_grids
 from .._scores import ScoreMods
-from ._items import _axis_slice, _batch_index, _pad_rank, _rows_of
+from ._items import _axis_slice, _batch_index, _pad_rank, _rows_of, squared_row_norms
 from ._plan import _Plan
 
 if TYPE_CHECKING:
@@ -82,7 +82,7 @@ def _prepare_inputs(problem: AttentionProblem, plan: _Plan) -> _Inputs:
         q=_pad_rank(q, n, xp), scale=scale, k=kp, v=vp, bias=_pad_rank(bias, n, xp),
         alibi=None if alibi_slopes is None else _pad_rank(alibi_slopes, n - 2, xp),
         allowed=_pad_rank(allowed, n, xp),
-        keep=_pad_rank(keep, n, xp), k_norm=xp.sqrt(xp.max(xp.vecdot(kp, kp), axis=-1)),
+        keep=_pad_rank(keep, n, xp), k_norm=xp.sqrt(xp.max(squared_row_norms(kp, xp), axis=-1)),
         bias_max=bias_max, bias_min=bias_min if bias_min == bias_min else -math.inf,
         # The cached triangles cover the causal diagonal alone, not a window's lower edge.
         triangles=_CausalMasks(plan, xp, q.dtype, q.device)

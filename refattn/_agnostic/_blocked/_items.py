@@ -11,6 +11,8 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
+
 from ... import _threads
 from ..._types import Array, Namespace
 from ._plan import _Plan
@@ -174,3 +176,14 @@ def _run_items(
 
 
 # --- shared block arithmetic ------------------------------------------------------------
+
+
+def squared_row_norms(x: Array, xp: Namespace) -> Array:
+    """``||x_i||^2`` over the last axis, for the score bounds.
+
+    On huge inputs (|x| ~ 1e155) the squares overflow to inf, which is what the bounds
+    want (no shift can be skipped, the overflow test fires); NumPy's RuntimeWarning about
+    it would only alarm the caller, whose own result is right.
+    """
+    with np.errstate(over="ignore", invalid="ignore"):
+        return xp.vecdot(x, x)

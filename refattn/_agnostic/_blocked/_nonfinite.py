@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from ..._types import Array, Namespace
 from ._block_scores import _raw_scores
 from ._inputs import _Inputs, _Rows
+from ._items import squared_row_norms
 from ._plan import Span, _Plan
 
 
@@ -53,7 +54,7 @@ def _largest_norm(x: Array, xp: Namespace) -> float:
     """max ||x_i|| over the rows of x (inf when the squares overflow, NaN with a NaN)."""
     if not math.prod(x.shape):
         return 0.0
-    return math.sqrt(float(xp.max(xp.vecdot(x, x))))
+    return math.sqrt(float(xp.max(squared_row_norms(x, xp))))
 
 
 def screen(inp: _Inputs, plan: _Plan) -> _Screen:
