@@ -8,7 +8,7 @@ test data into the backend's arrays and back.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +31,45 @@ settings.register_profile(
 settings.load_profile(
     os.environ.get("REFATTN_HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev")
 )
+
+
+@pytest.fixture(scope="session")
+def shim_build_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Keep the CPU shim's kernel builds of this session out of the user's cache unless
+    one is set (``REFATTN_CUSHIM_CACHE``)."""
+    if os.environ.get("REFATTN_CUSHIM_CACHE"):
+        yield
+        return
+    os.environ["REFATTN_CUSHIM_CACHE"] = str(tmp_path_factory.mktemp("cushim"))
+    try:
+        yield
+    finally:
+        del os.environ["REFATTN_CUSHIM_CACHE"]
+
+
+@pytest.fixture
+def kernel_calls(shim_build_cache: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """NumPy inputs go to the fused kernels, built and run on the CPU shim; yields the
+    list of the kernel entry points that ran (``flash_attention``,
+    ``flash_attention_backward``). Without g++ a skip, a failure under CI."""
+    from refattn._cuda import _modules, _paths
+    from refattn._cuda_shim import ShimModule, compiler, serve_numpy_arrays
+
+    if compiler() is None:
+        if os.environ.get("CI"):
+            pytest.fail("no C++ compiler (g++) for the CPU shim (CI must provide it)")
+        pytest.skip("no C++ compiler (g++) for the CPU shim")
+    calls: list[str] = []
+    for name in ("flash_attention", "flash_attention_backward"):
+        real = getattr(_paths, name)
+
+        def counting(*args: Any, _real: Any = real, _name: str = name, **kwargs: Any) -> Any:
+            calls.append(_name)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(_paths, name, counting)
+    with _modules.module_factory(ShimModule), serve_numpy_arrays():
+        yield calls
 
 
 def cuda_available() -> bool:

@@ -10,7 +10,6 @@ values") applied by hand; never from the code under test.
 from __future__ import annotations
 
 import math
-import os
 import warnings
 
 import numpy as np
@@ -354,45 +353,6 @@ def _torch_math_grads(q, k, v, grad_out, *, causal=False, mask=None, bias=None):
     out.backward(torch.from_numpy(grad_out))
     grads = [x.grad.numpy() for x in leaves]
     return (*grads, None) if bias is None else tuple(grads)
-
-
-@pytest.fixture(scope="module")
-def _shim_build_cache(tmp_path_factory):
-    # The shim's builds in a directory of this session unless one is set, as tests/cuda
-    # keeps them out of the user's cache.
-    from refattn._cuda_shim import compiler
-
-    if compiler() is None:
-        if os.environ.get("CI"):
-            pytest.fail("no C++ compiler (g++) for the CPU shim (CI must provide it)")
-        pytest.skip("no C++ compiler (g++) for the CPU shim")
-    if os.environ.get("REFATTN_CUSHIM_CACHE"):
-        yield
-        return
-    os.environ["REFATTN_CUSHIM_CACHE"] = str(tmp_path_factory.mktemp("cushim"))
-    try:
-        yield
-    finally:
-        del os.environ["REFATTN_CUSHIM_CACHE"]
-
-
-@pytest.fixture
-def kernel_calls(_shim_build_cache, monkeypatch):
-    """NumPy inputs go to the kernels, built by the shim; records the kernels that ran."""
-    from refattn._cuda import _modules, _paths
-    from refattn._cuda_shim import ShimModule, serve_numpy_arrays
-
-    calls: list[str] = []
-    for name in ("flash_attention", "flash_attention_backward"):
-        real = getattr(_paths, name)
-
-        def counting(*args, _real=real, _name=name, **kwargs):
-            calls.append(_name)
-            return _real(*args, **kwargs)
-
-        monkeypatch.setattr(_paths, name, counting)
-    with _modules.module_factory(ShimModule), serve_numpy_arrays():
-        yield calls
 
 
 # L = S = 70 is three key tiles of the kernels: causal rows 0..31 skip the last two.

@@ -72,16 +72,8 @@ def cupy_device() -> object:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _shim_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Keep shim builds of this session out of the user's cache unless one is set."""
-    if os.environ.get("REFATTN_CUSHIM_CACHE"):
-        yield
-        return
-    os.environ["REFATTN_CUSHIM_CACHE"] = str(tmp_path_factory.mktemp("cushim"))
-    try:
-        yield
-    finally:
-        del os.environ["REFATTN_CUSHIM_CACHE"]
+def _shim_cache(shim_build_cache: None) -> None:
+    """Every test here keeps its shim builds out of the user's cache (tests/conftest.py)."""
 
 
 @pytest.fixture

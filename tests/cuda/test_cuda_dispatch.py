@@ -11,26 +11,7 @@ import numpy as np
 import pytest
 
 import refattn
-from refattn._cuda import _paths
-from refattn._cuda_shim import serve_numpy_arrays
 from tests.helpers.cuda_bounds import Problem, backward_tolerance, forward_tolerance, mismatch
-
-
-@pytest.fixture
-def kernel_calls(shim_backend, monkeypatch):
-    """Route NumPy inputs to the kernels on the shim; record which entry points ran."""
-    shim_backend()
-    calls: list[str] = []
-    for name in ("flash_attention", "flash_attention_backward"):
-        real = getattr(_paths, name)
-
-        def counting(*args, _real=real, _name=name, **kwargs):
-            calls.append(_name)
-            return _real(*args, **kwargs)
-
-        monkeypatch.setattr(_paths, name, counting)
-    with serve_numpy_arrays():
-        yield calls
 
 
 def _data(seed=0, *, batch=(2,), H=4, K=2, Kv=1, L=7, S=9, E=16, Ev=8):
