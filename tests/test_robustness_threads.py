@@ -196,13 +196,16 @@ def test_ctrl_c_stops_the_workers():
             calls["n"] += 1
         if threading.current_thread() is not threading.main_thread():
             started.set()  # a worker is computing: the interrupt comes now
-        time.sleep(0.005)
+        time.sleep(0.02)
         return score
 
     def interrupt():
         started.wait(10)
         signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
 
+    # Python's own handler, whatever the parent process set (a shell's background job
+    # starts with SIGINT ignored).
+    previous_handler = signal.signal(signal.SIGINT, signal.default_int_handler)
     threads_before = set(threading.enumerate())
     interrupter = threading.Thread(target=interrupt)
     interrupter.start()
@@ -211,6 +214,7 @@ def test_ctrl_c_stops_the_workers():
             refattn.attention(q, k, v, implementation="blocked", score_mod=slow_mod)
     finally:
         interrupter.join()
+        signal.signal(signal.SIGINT, previous_handler)
     assert started.is_set()
     at_raise = calls["n"]
     # Threads other tests left behind may end meanwhile; none of this call's may be alive.

@@ -110,6 +110,9 @@ class _OrderedSum:
         self.done[i].set()
 
 
+_JOIN_WAIT_S = 0.05
+
+
 def _run_items(
     items: Sequence[Any], work: Callable[[int, Any], None], num_threads: int,
     sums: Sequence[_OrderedSum] = (),
@@ -161,7 +164,11 @@ def _run_items(
         for thread in threads:
             thread.start()
         for thread in threads:
-            thread.join()
+            # In short waits: a signal's handler (Ctrl-C) runs between them even where a
+            # long wait is not woken by the signal, so the interrupt reaches the caller
+            # within a wait's length.
+            while thread.is_alive():
+                thread.join(_JOIN_WAIT_S)
     except BaseException as interrupt:
         # Ctrl-C (or any exception raised into the waiting caller): no worker takes
         # another item; wait for the items in hand, whose results are thrown away.
