@@ -99,8 +99,10 @@ def join_sinks(out: Any, lse: Any, weights: Any, sinks: Any, *, xp: Any
     zero = xp.asarray(0.0, dtype=lse.dtype, device=lse.device)
     # 1 / (1 + exp(sink - lse)) rather than exp(lse - joined): no cancellation of two
     # values of the size of lse.
+    # lse = -inf enters as 0 (those rows take 0 or 1 below): no -inf - -inf.
+    finite_lse = xp.where(lse == -xp.inf, zero, lse)
     factor = xp.where(joined == -xp.inf, one,
-                      xp.where(only_sink, zero, one / (one + xp.exp(sink - lse))))
+                      xp.where(only_sink, zero, one / (one + xp.exp(sink - finite_lse))))
     out = xp.where(only_sink[..., None], zero, out * factor[..., None])
     if weights is not None:
         weights = xp.where(only_sink[..., None], zero, weights * factor[..., None])
@@ -117,7 +119,8 @@ def sinks_grad(sinks: Any, lse: Any, D: Any, *, xp: Any) -> Any:
     """
     sink = sink_column(sinks)[..., 0]
     zero = xp.asarray(0.0, dtype=lse.dtype, device=lse.device)
-    p_sink = xp.where(sink == -xp.inf, zero, xp.exp(sink - lse))
+    # lse is -inf only where the sink is too: exp(-inf - 0) = 0 there, without NaN.
+    p_sink = xp.exp(sink - xp.where(lse == -xp.inf, zero, lse))
     d = -(p_sink * D)
     d = xp.sum(d, axis=-1)
     return xp.sum(xp.reshape(d, (-1, sinks.shape[0])), axis=0) if d.ndim > 1 else d
