@@ -144,27 +144,16 @@ class AttentionProblem:
         """Every mask at once: ``combined_mask`` AND the window AND the chunks,
         materialised at (L, S) when there is a window or a chunk length (the direct and
         compensated paths' single mask)."""
-        if self.attention_chunk is not None:
-            return self.chunk_mask(self._visible_without_chunks)
-        return self._visible_without_chunks
-
-    @property
-    def _visible_without_chunks(self) -> Array | None:
-        if self.window is None:
-            return self.combined_mask
-        band = self.window.mask(self.shapes.L, self.shapes.S, shift=self.shift, xp=self.xp,
-                                device=self.device)
         mask = self.combined_mask
-        return band if mask is None else self.xp.logical_and(mask, band)
-
-    def chunk_mask(self, mask: Array | None) -> Array | None:
-        """``mask`` AND the chunks of ``attention_chunk`` (the (L, S) chunk mask alone
-        when ``mask`` is None); ``mask`` as it is without chunks."""
-        if self.attention_chunk is None:
-            return mask
-        chunks = chunk_mask(self.shapes.L, self.shapes.S, self.attention_chunk,
-                            shift=self.shift, xp=self.xp, device=self.device)
-        return chunks if mask is None else self.xp.logical_and(mask, chunks)
+        if self.window is not None:
+            band = self.window.mask(self.shapes.L, self.shapes.S, shift=self.shift,
+                                    xp=self.xp, device=self.device)
+            mask = band if mask is None else self.xp.logical_and(mask, band)
+        if self.attention_chunk is not None:
+            chunks = chunk_mask(self.shapes.L, self.shapes.S, self.attention_chunk,
+                                shift=self.shift, xp=self.xp, device=self.device)
+            mask = chunks if mask is None else self.xp.logical_and(mask, chunks)
+        return mask
 
     def to_compute_form(self, x: Array) -> Array:
         """A user-layout (..., H, L, D) array such as grad_out in this problem's form."""
