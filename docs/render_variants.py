@@ -21,7 +21,7 @@ import array_api_compat.numpy as xnp
 import numpy as np
 
 from refattn import kvcache, mods, varlen
-from refattn._window import Window
+from refattn._window import Window, chunk_mask
 
 OUT = Path(__file__).resolve().parent / "_static" / "variants"
 
@@ -87,6 +87,12 @@ def main() -> None:
          "causal, bottom_right (L=4, S=7)")
     draw("sliding_window", evaluate(mods.sliding_window(2, 0), 8, 8), "window (2, 0)")
     draw("prefix_lm", evaluate(mods.prefix_lm(3), 8, 8), "prefix_lm(3)")
+    # attention(attention_chunk=3, causal=True): the problem's chunk mask AND its window.
+    chunked = (chunk_mask(8, 8, 3, shift=0, xp=xnp, device="cpu")
+               & Window.merge(causal=True, window=None).mask(8, 8, shift=0, xp=xnp,
+                                                             device="cpu"))
+    draw("chunked_causal", np.asarray(chunked), "attention_chunk=3, causal",
+         row_groups=(3, 6), col_groups=(3, 6))
     doc = np.asarray([0, 0, 0, 1, 1, 2, 2, 2])
     both = evaluate(mods.document_mask(doc), 8, 8) & evaluate(mods.causal(), 8, 8)
     draw("document_causal", both, "document_mask & causal")

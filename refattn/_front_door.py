@@ -229,6 +229,9 @@ def attention(
     return_lse: bool = False,
     return_dropout_mask: bool = False,
     xp: Any = None,
+    sinks: Any = None,
+    attention_chunk: int | None = None,
+    qv: Any = None,
 ) -> Any:
     """Scaled dot-product attention, computed in float64 by default.
 
@@ -316,6 +319,21 @@ def attention(
         The array namespace of the inputs, or its name: ``"numpy"``, ``"torch"``,
         ``"cupy"``, ``"array_api_strict"`` or ``"jax"`` (``xp="numpy"`` is ``xp=numpy``);
         inferred when None. A namespace that does not match the inputs is an error.
+    sinks : array, optional
+        (H,) learnable attention sinks (gpt-oss; flash-attn's ``learnable_sink``): one
+        logit per query head that joins every row's softmax denominator and adds nothing
+        to the output, ``out_i = sum_j exp(s_ij) v_j / (exp(sink_h) + sum_j exp(s_ij))``.
+        Not scaled, capped or biased. The LSE includes it, the weights then sum to less
+        than 1, and a row with no visible key gives 0 with LSE = sink (docs/variants.rst).
+    attention_chunk : int, optional
+        Chunked local attention (Llama 4; flash-attn 3's ``attention_chunk``): query i
+        sees only the keys j with ``(i + shift) // attention_chunk == j //
+        attention_chunk``, the shift of ``alignment``; intersected with every other mask,
+        ``causal`` and ``window`` included.
+    qv : array, optional
+        (..., H, L, Ev), q's shape with v's head dim (flash-attn 3's ``qv``, for MLA's
+        absorbed decoding): the scores become ``scale (q k^T + qv v^T)``. Scaled by the
+        same ``scale`` (by default 1 / sqrt(E), E of q).
 
     Returns
     -------
@@ -372,7 +390,8 @@ def attention(
         scale=scale, softcap=softcap, alibi_slopes=alibi_slopes, score_mod=score_mod,
         mask_mod=mask_mod, dropout_p=dropout_p, dropout_mask=dropout_mask, rng=rng,
         masked_rows=masked_rows, layout=layout, compute_dtype=compute_dtype,
-        precision=precision, implementation=implementation, xp=xp,
+        precision=precision, implementation=implementation, xp=xp, sinks=sinks,
+        attention_chunk=attention_chunk, qv=qv,
     )
     res = None
     if _use_cuda(problem, return_weights=return_weights):
@@ -477,6 +496,9 @@ def attention_backward(
     output: Any = None,
     lse: Any = None,
     xp: Any = None,
+    sinks: Any = None,
+    attention_chunk: int | None = None,
+    qv: Any = None,
 ) -> AttentionGrads:
     """Analytic gradients of ``attention`` with respect to q, k, v and bias.
 
@@ -527,12 +549,16 @@ def attention_backward(
     xp : namespace or str, optional
         As for ``attention``: the namespace or its name (``xp="numpy"``); inferred when
         None.
+    sinks, attention_chunk, qv : optional
+        As for ``attention``; their gradients are ``AttentionGrads.dsinks`` and ``.dqv``.
 
     Returns
     -------
     AttentionGrads
         ``(dq, dk, dv, dbias)``: dq, dk, dv in the shape, layout, dtype, namespace and
-        device of q, k, v; dbias in the shape and dtype of ``bias``, or None.
+        device of q, k, v; dbias in the shape and dtype of ``bias``, or None. The
+        attributes ``dsinks`` (H,) and ``dqv`` (the shape of ``qv``) hold the gradients of
+        ``sinks`` and ``qv`` (None without them); they are not part of the 4-tuple.
 
     Raises
     ------
@@ -571,7 +597,8 @@ def attention_backward(
         scale=scale, softcap=softcap, alibi_slopes=alibi_slopes, score_mod=score_mod,
         mask_mod=mask_mod, dropout_p=dropout_p, dropout_mask=dropout_mask, rng=rng,
         masked_rows=masked_rows, layout=layout, compute_dtype=compute_dtype,
-        precision=precision, implementation=implementation, xp=xp,
+        precision=precision, implementation=implementation, xp=xp, sinks=sinks,
+        attention_chunk=attention_chunk, qv=qv,
     )
     # q first, so that a mismatch is reported as "q is a ... array but grad_out is ...".
     infer_namespace({"q": q, "grad_out": grad_out, "output": output, "lse": lse}, xp=xp,
@@ -605,4 +632,6 @@ def attention_backward(
         # The computed bias may hold ALiBi too (broadcast wider): reduce to the user's.
         dbias=None if bias is None else xp.astype(
             sum_to_shape(grads.dbias, tuple(bias.shape), xp=xp), bias.dtype),
+        dsinks=None if sinks is None else xp.astype(grads.dsinks, sinks.dtype),
+        dqv=None if qv is None else _finish_grad(grads.dqv, qv, problem),
     )

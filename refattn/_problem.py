@@ -15,6 +15,7 @@ user's layout.
 from __future__ import annotations
 
 import functools
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -34,7 +35,7 @@ from ._types import (
     Device,
     Namespace,
 )
-from ._window import Window, alignment_shift
+from ._window import Window, alignment_shift, chunk_mask
 
 __all__ = ["SHAPE_LEGEND", "AttentionProblem", "build_problem"]
 
@@ -78,6 +79,14 @@ class AttentionProblem:
         The user's layout and dtype (results go back to them) and the compute dtype.
     precision, implementation
         The arithmetic asked for and the path forced (None: the front door chooses).
+    sinks
+        (H,) per-head sink logits in the compute dtype, or None: each joins its head's
+        softmax denominators and adds nothing to the output (docs/variants.rst).
+    attention_chunk
+        Chunked local attention's chunk length, or None: query i sees only the keys j
+        with ``(i + shift) // chunk == j // chunk`` (``visible`` includes it).
+    qv
+        (..., H, L, Ev) in the compute form, or None: the scores gain ``scale qv v^T``.
     """
 
     xp: Namespace
@@ -103,6 +112,10 @@ class AttentionProblem:
     compute_dtype: Any
     precision: str
     implementation: str | None
+    # The options added after the paths' tests built problems by hand default to None.
+    sinks: Array | None = None
+    attention_chunk: int | None = None
+    qv: Array | None = None
 
     @functools.cached_property
     def combined_mask(self) -> Array | None:
@@ -128,14 +141,19 @@ class AttentionProblem:
 
     @property
     def visible(self) -> Array | None:
-        """Every mask at once: ``combined_mask`` AND the window, materialised at (L, S)
-        when there is a window (the direct and compensated paths' single mask)."""
-        if self.window is None:
-            return self.combined_mask
-        band = self.window.mask(self.shapes.L, self.shapes.S, shift=self.shift, xp=self.xp,
-                                device=self.device)
+        """Every mask at once: ``combined_mask`` AND the window AND the chunks,
+        materialised at (L, S) when there is a window or a chunk length (the direct and
+        compensated paths' single mask)."""
         mask = self.combined_mask
-        return band if mask is None else self.xp.logical_and(mask, band)
+        if self.window is not None:
+            band = self.window.mask(self.shapes.L, self.shapes.S, shift=self.shift,
+                                    xp=self.xp, device=self.device)
+            mask = band if mask is None else self.xp.logical_and(mask, band)
+        if self.attention_chunk is not None:
+            chunks = chunk_mask(self.shapes.L, self.shapes.S, self.attention_chunk,
+                                shift=self.shift, xp=self.xp, device=self.device)
+            mask = chunks if mask is None else self.xp.logical_and(mask, chunks)
+        return mask
 
     def to_compute_form(self, x: Array) -> Array:
         """A user-layout (..., H, L, D) array such as grad_out in this problem's form."""
@@ -231,6 +249,39 @@ def _check_precision(precision: str, implementation: str | None, compute_dtype: 
         )
 
 
+def _check_sinks(sinks: Any, shapes: _validate.AttentionShapes) -> None:
+    if sinks is None:
+        return
+    # Its dtype was checked with the inputs' (infer_namespace).
+    if tuple(sinks.shape) != (shapes.H,):
+        raise ValueError(f"sinks must have shape (H,) = ({shapes.H},), one logit per query "
+                         f"head; got {tuple(sinks.shape)}")
+
+
+def _check_chunk(attention_chunk: Any) -> None:
+    if attention_chunk is None:
+        return
+    if (not isinstance(attention_chunk, numbers.Integral) or isinstance(attention_chunk, bool)
+            or attention_chunk <= 0):
+        raise ValueError(f"attention_chunk must be a positive int (the chunk length in key "
+                         f"positions) or None; got {attention_chunk!r}")
+
+
+def _check_qv(qv: Any, q: Any, shapes: _validate.AttentionShapes, layout: str,
+              xp: Namespace) -> None:
+    # q and qv are in the compute layout (heads on axis -3) here; messages show the user's.
+    if qv is None:
+        return
+    expected = (*q.shape[:-1], shapes.Ev)
+    if tuple(qv.shape) != expected:
+        shown = swap_head_axis(qv, xp).shape if layout == "BLHD" and qv.ndim >= 3 else qv.shape
+        want = (*expected[:-3], expected[-2], expected[-3], expected[-1]) if (
+            layout == "BLHD" and len(expected) >= 3) else expected
+        legend = "(..., L, H, Ev)" if layout == "BLHD" else "(..., H, L, Ev)"
+        raise ValueError(f"qv must have q's shape with v's head dim Ev = {shapes.Ev}: "
+                         f"{legend} = {want}; got {tuple(shown)}")
+
+
 def build_problem(
     q: Any, k: Any, v: Any, *, mask: Any = None, bias: Any = None, causal: Any = False,
     window: Any = None, alignment: Any = "top_left", scale: Any = None, softcap: Any = None,
@@ -238,6 +289,7 @@ def build_problem(
     dropout_p: Any = 0.0, dropout_mask: Any = None, rng: Any = None,
     masked_rows: Any = "zero", layout: Any = "BHLD", compute_dtype: Any = None,
     precision: Any = "standard", implementation: Any = None, xp: Any = None,
+    sinks: Any = None, attention_chunk: Any = None, qv: Any = None,
 ) -> AttentionProblem:
     """Check ``attention``'s arguments and build the problem every path takes.
 
@@ -254,7 +306,8 @@ def build_problem(
     ((2, 3, 5), Window(left=None, right=0), 2, 0.5)
     """
     xp, device = infer_namespace(
-        {"q": q, "k": k, "v": v, "bias": bias, "alibi_slopes": alibi_slopes},
+        {"q": q, "k": k, "v": v, "bias": bias, "alibi_slopes": alibi_slopes,
+         "sinks": sinks, "qv": qv},
         {"mask": mask, "dropout_mask": dropout_mask}, xp=xp, required=("q", "k", "v"),
     )
     window_value = None if window is None else Window.parse(window)
@@ -264,7 +317,12 @@ def build_problem(
     _check_choices(layout, masked_rows, precision, implementation, alignment, causal)
     if layout == "BLHD":
         q, k, v = (swap_head_axis(x, xp) for x in (q, k, v))
+        if qv is not None and qv.ndim >= 3:
+            qv = swap_head_axis(qv, xp)
     shapes = _validate.check_qkv(q, k, v, layout=layout)
+    _check_sinks(sinks, shapes)
+    _check_chunk(attention_chunk)
+    _check_qv(qv, q, shapes, layout, xp)
     _check_mask_and_bias(mask, bias, shapes.scores, xp)
     scale_value = _validate.check_scale(scale, shapes.E)
     p = _validate.check_dropout_p(dropout_p)
@@ -290,4 +348,7 @@ def build_problem(
         keep=keep, scale=scale_value, dropout_p=p, masked_rows=masked_rows, layout=layout,
         in_dtype=q.dtype, compute_dtype=cdtype, precision=precision,
         implementation=implementation,
+        sinks=None if sinks is None else xp.astype(sinks, cdtype),
+        attention_chunk=None if attention_chunk is None else int(attention_chunk),
+        qv=None if qv is None else to_rank3(xp.astype(qv, cdtype, copy=False), xp),
     )

@@ -19,7 +19,7 @@ from typing import Any
 
 from ._types import Array, Device, Namespace
 
-__all__ = ["Window", "alignment_shift"]
+__all__ = ["Window", "alignment_shift", "chunk_mask", "chunk_span"]
 
 
 def alignment_shift(L: int, S: int, alignment: str) -> int:
@@ -137,3 +137,39 @@ class Window:
         q_pos = xp.reshape(xp.arange(L, device=device), (L, 1)) + shift
         kv_pos = xp.reshape(xp.arange(S, device=device), (1, S))
         return self.allows(q_pos, kv_pos)  # (L, 1) against (1, S): always (L, S)
+
+
+def chunk_span(position: int, chunk: int) -> tuple[int, int]:
+    """The keys ``[start, stop)`` of the chunk holding key position ``position``.
+
+    Chunked local attention (``attention_chunk=``) cuts the key positions into chunks
+    ``[0, chunk), [chunk, 2 chunk), ...``; the query at key position p (its index plus
+    the alignment's shift) sees the keys of p's chunk only. Positions below 0 (a query
+    of a bottom-right problem with L > S) fall in chunks with no key.
+
+    Examples
+    --------
+    >>> chunk_span(5, 4), chunk_span(-1, 4)
+    ((4, 8), (-4, 0))
+    """
+    start = position // chunk * chunk
+    return start, start + chunk
+
+
+def chunk_mask(L: int, S: int, chunk: int, *, shift: int, xp: Namespace,
+               device: Device) -> Array:
+    """The (L, S) boolean array of chunked local attention: query i sees key j when
+    ``(i + shift) // chunk == j // chunk`` (floor division, as ``chunk_span``).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> chunk_mask(4, 4, 2, shift=0, xp=np, device="cpu").astype(int)
+    array([[1, 1, 0, 0],
+           [1, 1, 0, 0],
+           [0, 0, 1, 1],
+           [0, 0, 1, 1]])
+    """
+    q_pos = xp.reshape(xp.arange(L, device=device), (L, 1)) + shift
+    kv_pos = xp.reshape(xp.arange(S, device=device), (1, S))
+    return (q_pos // chunk) == (kv_pos // chunk)

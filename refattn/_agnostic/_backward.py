@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING
 from .._arrays import sum_to_shape
 from .._results import AttentionGrads
 from .._types import Array, Namespace
-from ._direct import apply_dropout, group_size, repeat_heads, scaled_product
+from ._direct import apply_dropout, group_size, raw_scores, repeat_heads
 from ._scores import final_scores, score_slopes
-from ._softmax import masked_softmax
+from ._softmax import masked_softmax, sinks_grad
 
 if TYPE_CHECKING:
     from .._problem import AttentionProblem
@@ -109,12 +109,13 @@ def direct_backward(problem: AttentionProblem, grad_out: Array, *, out: Array | 
     H = q.shape[-3]
     kr = repeat_heads(k, group_size(H, k.shape[-3]), xp=xp)
     vr = repeat_heads(v, group_size(H, v.shape[-3]), xp=xp)
-    scaled = scaled_product(q, kr, scale, xp=xp)
+    scaled = raw_scores(problem, kr, vr)
     # Built exactly as the forward builds them, so the weights recomputed here are the
     # forward's weights, NaN propagation included.
     scores = final_scores(scaled, bias=bias, allowed=problem.visible, mods=mods, xp=xp)
     if lse is None:
-        weights, lse = masked_softmax(scores, masked_rows=masked_rows, xp=xp)
+        weights, lse = masked_softmax(scores, masked_rows=masked_rows, xp=xp,
+                                      sinks=problem.sinks)
     else:
         weights = weights_from_lse(scores, lse, masked_rows=masked_rows, xp=xp)
     row_masked = (lse == -xp.inf)[..., None]
@@ -153,14 +154,27 @@ def direct_backward(problem: AttentionProblem, grad_out: Array, *, out: Array | 
         # mod undefined off the mask) must not turn that 0 into NaN.
         d_biased = xp.where(d_scores == 0, zero, d_scores * mod_slope)
         d_raw = d_biased * cap_slope
+    dsinks = None
+    if problem.sinks is not None:
+        # D as dS used it; all dropped: the output ignores the sinks as well.
+        D_rows = xp.zeros_like(D) if all_dropped else D
+        dsinks = sinks_grad(problem.sinks, lse, D_rows[..., 0], xp=xp)
     dq = (d_raw @ kr) * scale
     # scale dS^T Q as (dS^T) (scale Q), the forward's order (``scaled_product``), so
     # that dK overflows no earlier than the scores do.
     dk = sum_groups(xp.matrix_transpose(d_raw) @ (q * scale), k.shape[-3], xp=xp)
+    dqv = None
+    if problem.qv is not None:
+        # scale qv v^T is one more product of the scores: dqv = scale dS V, and V
+        # gains scale dS^T qv (ordered as dK's).
+        dqv = (d_raw @ vr) * scale
+        dv = dv + xp.matrix_transpose(d_raw) @ (problem.qv * scale)
     dv = sum_groups(dv, v.shape[-3], xp=xp)
     return AttentionGrads(
         dq=sum_to_shape(dq, q.shape, xp=xp),
         dk=sum_to_shape(dk, k.shape, xp=xp),
         dv=sum_to_shape(dv, v.shape, xp=xp),
         dbias=None if bias is None else sum_to_shape(d_biased, bias.shape, xp=xp),
+        dsinks=dsinks,
+        dqv=None if problem.qv is None else sum_to_shape(dqv, problem.qv.shape, xp=xp),
     )

@@ -17,7 +17,8 @@ from ._softmax import masked_softmax
 if TYPE_CHECKING:
     from .._problem import AttentionProblem
 
-__all__ = ["apply_dropout", "direct_attention", "group_size", "repeat_heads", "scaled_product"]
+__all__ = ["apply_dropout", "direct_attention", "group_size", "raw_scores", "repeat_heads",
+           "scaled_product"]
 
 
 def group_size(H: int, heads: int) -> int:
@@ -64,6 +65,14 @@ def apply_dropout(x: Array, keep: Array | None, dropout_p: float, *, xp: Namespa
     return xp.where(keep, x, zero) * (1.0 / (1.0 - dropout_p))
 
 
+def raw_scores(problem: AttentionProblem, k: Array, v: Array) -> Array:
+    """``scale q k^T``, plus ``scale qv v^T`` with ``qv`` (k and v repeated to H heads)."""
+    scaled = scaled_product(problem.q, k, problem.scale, xp=problem.xp)
+    if problem.qv is not None:
+        scaled = scaled + scaled_product(problem.qv, v, problem.scale, xp=problem.xp)
+    return scaled
+
+
 def direct_attention(problem: AttentionProblem) -> AttentionResult:
     """Attention with every intermediate materialised.
 
@@ -81,8 +90,8 @@ def direct_attention(problem: AttentionProblem) -> AttentionResult:
     H = p.q.shape[-3]
     k = repeat_heads(p.k, group_size(H, p.k.shape[-3]), xp=xp)
     v = repeat_heads(p.v, group_size(H, p.v.shape[-3]), xp=xp)
-    scores = final_scores(scaled_product(p.q, k, p.scale, xp=xp), bias=p.bias_with_alibi,
+    scores = final_scores(raw_scores(p, k, v), bias=p.bias_with_alibi,
                           allowed=p.visible, mods=p.mods, xp=xp)
-    weights, lse = masked_softmax(scores, masked_rows=p.masked_rows, xp=xp)
+    weights, lse = masked_softmax(scores, masked_rows=p.masked_rows, xp=xp, sinks=p.sinks)
     out = apply_dropout(weights, p.keep, p.dropout_p, xp=xp) @ v
     return AttentionResult(out=out, lse=lse, weights=weights)

@@ -123,7 +123,7 @@ _PROBLEM_FIELDS_TAKEN = frozenset({
     "window", "alignment", "shift", "keep", "scale", "dropout_p", "masked_rows", "layout",
     "in_dtype", "compute_dtype", "implementation",
 })
-_PROBLEM_FIELDS_CHECKED = frozenset({"mods", "precision"})
+_PROBLEM_FIELDS_CHECKED = frozenset({"mods", "precision", "sinks", "attention_chunk", "qv"})
 
 
 def unsupported(problem: AttentionProblem, *, return_weights: bool) -> str | None:
@@ -136,6 +136,11 @@ def unsupported(problem: AttentionProblem, *, return_weights: bool) -> str | Non
     unknown = sorted(fields - _PROBLEM_FIELDS_TAKEN - _PROBLEM_FIELDS_CHECKED)
     if unknown:
         raise TypeError(f"unknown attention option {unknown[0]!r}")
+    # The kernels have no sink term, chunk edges or second product yet: the array-API
+    # paths take these (docs/variants.rst).
+    for name in ("sinks", "attention_chunk", "qv"):
+        if getattr(problem, name) is not None:
+            return name
     reason = unsupported_option(
         score_mod=problem.mods.score_mod, precision=problem.precision,
         return_weights=return_weights, head_dim=problem.shapes.E,

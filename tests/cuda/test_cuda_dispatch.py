@@ -172,6 +172,9 @@ def test_backward_sums_broadcast_inputs(kernel_calls):
 CUDA_LACKS = "implementation='cuda' does not support "
 UNSUPPORTED = [
     ({"score_mod": lambda s, b, h, i, j: s * 2.0}, CUDA_LACKS + "score_mod"),
+    ({"sinks": np.zeros(2)}, CUDA_LACKS + "sinks"),
+    ({"attention_chunk": 2}, CUDA_LACKS + "attention_chunk"),
+    ({"qv": np.ones((1, 2, 5, 8))}, CUDA_LACKS + "qv"),
     # The front door refuses this pair before any path is chosen.
     ({"precision": "compensated"},
      "precision='compensated' computes in float64 on the direct path; got "

@@ -12,6 +12,8 @@ from ..._results import AttentionGrads, AttentionResult
 from ..._types import Array
 from .._backward import direct_backward
 from .._direct import group_size, repeat_heads, scaled_product
+from .._qv import fold_qv, unfold_qv_grads
+from .._softmax import sink_column
 from ._eft import (
     _df_div,
     _mul_df,
@@ -131,11 +133,13 @@ class _Forward:
     nl: Any
     lse: Any  # float (..., rows), -inf on fully masked rows
     row_masked: Any  # (..., rows, 1) bool
+    eh: Any = None  # exp(sink - shift) (..., H, rows, 1) with sinks, part of z
+    el: Any = None
 
 
 def _forward(
     q: Any, side: _Side, *, scale: float, bias: Any, allowed: Any, keep: Any,
-    masked_rows: str, xp: Any,
+    masked_rows: str, xp: Any, sinks: Any = None,
 ) -> _Forward:
     dtype, device = q.dtype, q.device
     H, S, K = q.shape[-3], side.S, side.K
@@ -162,6 +166,11 @@ def _forward(
         shift = xp.max(sh if ok is None else xp.where(ok, sh, neg_inf), axis=-1, keepdims=True)
     else:
         shift = xp.full((*sh.shape[:-1], 1), -xp.inf, dtype=dtype, device=device)
+    sink = None
+    if sinks is not None:
+        # The sink is one more score (exact, a float): it takes part in the shift.
+        sink = xp.broadcast_to(sink_column(sinks), shift.shape)
+        shift = xp.maximum(shift, sink)
     row_masked = shift == neg_inf
     shift = xp.where(row_masked, zero, shift)
     xh, t = two_sum(sh, -shift)
@@ -182,6 +191,15 @@ def _forward(
     # The sums of w1 and w2 are exact (at most S terms of w_bits bits on one grid).
     zh, zl = two_sum(xp.sum(w1, axis=-1, keepdims=True), xp.sum(w2, axis=-1, keepdims=True))
     zh, zl = fast_two_sum(zh, zl + xp.sum(w3, axis=-1, keepdims=True))
+    eh = el = None
+    if sink is not None:
+        # exp(sink - shift) in double-float joins z; a -inf sink adds 0 (and no
+        # -inf - -inf inside the TwoSum).
+        finite = sink > neg_inf
+        xh, t = two_sum(xp.where(finite, sink, shift), -shift)
+        eh, el = exp_df(xp.where(finite, xh, neg_inf), xp.where(finite, t, zero), xp=xp)
+        th, tl = two_sum(zh, eh)
+        zh, zl = fast_two_sum(th, tl + (zl + el))
     # Fully masked rows have z = 0 (but under the "uniform" policy): divide them by 1.
     zh = xp.where(zh == 0, xp.ones_like(zh), zh)
     lh, ll = log_df(zh, zl, xp=xp)
@@ -200,7 +218,7 @@ def _forward(
     return _Forward(
         wh=wh, wl=wl, w=(w1, w2, w3), zh=zh, zl=zl,
         nh=_ungroup_rows(nh, H, xp=xp), nl=_ungroup_rows(nl, H, xp=xp), lse=lse,
-        row_masked=row_masked,
+        row_masked=row_masked, eh=eh, el=el,
     )
 
 
@@ -219,8 +237,10 @@ def compensated_attention(problem: AttentionProblem, *, need_weights: bool
     weight by ``eps <= 2^-64 + delta`` relative, the output by
     ``ulp(out)/2 + (2 eps + u 2^-b) max|V| / (1 - p)`` with ``b = slice_bits(S)``, the
     LSE by ``ulp(lse)/2 + 2^-63 + delta``: about half an ulp of max|V| for E <= 256,
-    S <= 4096, C <= 2^12. The derivation is in docs/accuracy.rst.
+    S <= 4096, C <= 2^12. The derivation is in docs/accuracy.rst. Sinks join the
+    double-float row sums; ``qv`` is folded into q and k (``_qv.fold_qv``).
     """
+    problem = fold_qv(problem)
     q, k, xp, scale = problem.q, problem.k, problem.xp, problem.scale
     bias, allowed, keep = problem.bias_with_alibi, problem.visible, problem.keep
     dropout_p, masked_rows = problem.dropout_p, problem.masked_rows
@@ -234,7 +254,7 @@ def compensated_attention(problem: AttentionProblem, *, need_weights: bool
         bias_r, allowed_r, keep_r = (_rows(x, rows, L) for x in (bias, allowed, keep))
         poisoned, allowed_r = nf.scores(q[..., rows, :], bias_r, allowed_r, scale)
         f = _forward(nf.q[..., rows, :], side, scale=scale, bias=bias_r, allowed=allowed_r,
-                     keep=keep_r, masked_rows=masked_rows, xp=xp)
+                     keep=keep_r, masked_rows=masked_rows, xp=xp, sinks=problem.sinks)
         lses.append(nf.rows_nan(f.lse, poisoned))
         if S == 0:
             # No keys: there is nothing to weigh, every policy gives the empty sum 0.
@@ -351,8 +371,10 @@ def compensated_backward(problem: AttentionProblem, grad_out: Array) -> Attentio
     -inf scores masked, and every entry that the plain direct backward makes NaN or
     infinite takes its value from it: a float64 evaluation far cheaper than this path's
     own, run only then. The finite entries are those the non-finite inputs do not
-    reach, where both problems agree.
+    reach, where both problems agree. ``qv`` is folded into q and k (``_qv``).
     """
+    if problem.qv is not None:
+        return unfold_qv_grads(problem, compensated_backward(fold_qv(problem), grad_out))
     xp = problem.xp
     nf = _NonFinite.of(problem)
     go_bad = not bool(xp.all(xp.isfinite(grad_out)))
@@ -373,7 +395,8 @@ def compensated_backward(problem: AttentionProblem, grad_out: Array) -> Attentio
         return None if accurate is None else xp.where(xp.isfinite(direct), accurate, direct)
 
     return AttentionGrads(dq=take(grads.dq, plain.dq), dk=take(grads.dk, plain.dk),
-                          dv=take(grads.dv, plain.dv), dbias=take(grads.dbias, plain.dbias))
+                          dv=take(grads.dv, plain.dv), dbias=take(grads.dbias, plain.dbias),
+                          dsinks=take(grads.dsinks, plain.dsinks))
 
 
 def _compensated_backward(problem: AttentionProblem, grad_out: Array,
@@ -402,7 +425,8 @@ def _compensated_backward(problem: AttentionProblem, grad_out: Array,
     if (keep is not None and dropout_p >= 1.0) or S == 0:
         dq, dk, dv = (xp.zeros(x.shape, dtype=dtype, device=device) for x in (q, k, v))
         dbias = None if bias is None else xp.zeros(bias.shape, dtype=dtype, device=device)
-        return AttentionGrads(dq=dq, dk=dk, dv=dv, dbias=dbias)
+        dsinks = None if problem.sinks is None else xp.zeros_like(problem.sinks)
+        return AttentionGrads(dq=dq, dk=dk, dv=dv, dbias=dbias, dsinks=dsinks)
     ch, cl = _dropout_factor(dropout_p) if keep is not None else (1.0, 0.0)
     chunks = _row_chunks(q, S)
     side = _side(k, v, chunks[0].stop - chunks[0].start, xp=xp)
@@ -412,7 +436,7 @@ def _compensated_backward(problem: AttentionProblem, grad_out: Array,
     k_slices = _b_slices(k, bits=q_bits, xp=xp)  # for dQ = G K
     bias_rows = bias is not None and bias.ndim >= 2 and bias.shape[-2] == L and L != 1
 
-    dq_rows, db_rows = [], []
+    dq_rows, db_rows, ds_rows = [], [], []
     dv_acc = dk_acc = db_acc = None
     for rows in chunks:
         q_r, go = q[..., rows, :], grad_out[..., rows, :]
@@ -423,7 +447,7 @@ def _compensated_backward(problem: AttentionProblem, grad_out: Array,
                                      _rows(nf.problem.bias_with_alibi, rows, L), allowed_r,
                                      scale)
         f = _forward(q_r, side, scale=scale, bias=_rows(bias, rows, L), allowed=allowed_r,
-                     keep=keep_r, masked_rows=masked_rows, xp=xp)
+                     keep=keep_r, masked_rows=masked_rows, xp=xp, sinks=problem.sinks)
         zh, zl, nh, nl = f.zh, f.zl, f.nh, f.nl
 
         # dV += (w keep)^T (dO / z), per query head (inner length: the chunk's rows).
@@ -441,6 +465,12 @@ def _compensated_backward(problem: AttentionProblem, grad_out: Array,
         th, tl = two_product(go, nh)
         eh, el = sum_df(th, tl + go * nl, axis=-1, xp=xp)
         dh, dl = _df_div(eh[..., None], el[..., None], zh, zl)
+        if f.eh is not None:
+            # d sink = -sum P_sink D; P_sink = e / z, D (1 - p) = d (the 1/(1-p) is
+            # applied with dV's). Summed in float64: the sinks' gradient is not carried
+            # in double-float to the end, unlike dQ, dK and dV.
+            ph, pl = _df_div(f.eh, f.el, zh, zl)
+            ds_rows.append(xp.sum(-((ph + pl) * (dh + dl)), axis=(-2, -1)))
         # G = w (dP keep - D (1 - p)) = z dS (1 - p).
         rh, rl = two_sum(dph, -dh)
         rl = rl + (dpl - dl)
@@ -500,4 +530,9 @@ def _compensated_backward(problem: AttentionProblem, grad_out: Array,
                       xp.concat([x[1] for x in db_rows], axis=-2))
         assert db_acc is not None
         dbias = rounded(db_acc[0], db_acc[1], tuple(bias.shape), (ch, cl))
-    return AttentionGrads(dq=dq, dk=dk, dv=dv, dbias=dbias)
+    dsinks = None
+    if problem.sinks is not None:
+        total = sum(ds_rows[1:], ds_rows[0])  # (..., H)
+        total = xp.sum(xp.reshape(total, (-1, H)), axis=0) * (ch + cl)
+        dsinks = total
+    return AttentionGrads(dq=dq, dk=dk, dv=dv, dbias=dbias, dsinks=dsinks)

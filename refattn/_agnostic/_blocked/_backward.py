@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 
 from ..._results import AttentionGrads
 from ..._types import Array, Namespace
+from .._qv import fold_qv, unfold_qv_grads
+from .._softmax import sinks_grad
 from ._forward import blocked_attention
 from ._inputs import _Inputs, _prepare_inputs
 from ._items import _batch_index, _hashable, _OrderedSum, _pad_rank, _run_items, _unit_region
@@ -60,6 +62,10 @@ def blocked_attention_backward(
         dq, dk, dv with the shapes of q, k, v; dbias with the shape of the bias (None
         without one).
     """
+    if problem.qv is not None:
+        return unfold_qv_grads(problem, blocked_attention_backward(
+            fold_qv(problem), grad_out, out=out, lse=lse, block_l=block_l, block_s=block_s,
+            num_threads=num_threads))
     q, k, v, xp = problem.q, problem.k, problem.v, problem.xp
     bias, keep, dropout_p = problem.bias, problem.keep, problem.dropout_p
     plan = _make_plan(problem, block_l=block_l, block_s=block_s, backward=True)
@@ -69,7 +75,10 @@ def blocked_attention_backward(
     grads = _new_grads(q, k, v, bias, plan, zeros=nothing, xp=xp)
     if nothing:
         # Nothing to differentiate, or dropout_p = 1: the output is identically zero.
-        return grads.result(xp)
+        result = grads.result(xp)
+        if problem.sinks is not None:
+            result = result._replace(dsinks=xp.zeros_like(problem.sinks))
+        return result
     if out is None or lse is None:
         fwd = blocked_attention(problem, block_l=block_l, block_s=block_s,
                                 num_threads=num_threads)
@@ -96,7 +105,13 @@ def blocked_attention_backward(
         items, lambda i, item: _backward_item(inp, plan, saved, scale, unit, chunk, sums, i, item),
         num_threads, list(sums.values()),
     )
-    return grads.result(xp)
+    result = grads.result(xp)
+    if problem.sinks is not None:
+        # The blocks' dS = P (dP - D) holds with the sinks' LSE and output as they are;
+        # the sinks' own gradient needs the rows only.
+        D = xp.sum(grad_out * out, axis=-1)
+        result = result._replace(dsinks=sinks_grad(problem.sinks, lse, D, xp=xp))
+    return result
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ def _raw_scores(
     else:
         scores = q_shift @ k[s0:s1, :q_shift.shape[1]].mT
     if (rows.bias is None and rows.alibi is None and rows.allowed is None and not masked
-            and inp.mask_mod is None):
+            and inp.mask_mod is None and rows.chunks is None):
         return scores, None
     n = s1 - s0
     if inp.mods is None:
@@ -51,6 +51,11 @@ def _raw_scores(
                      None if rows.lows is None else cols >= rows.lows):
             if edge is not None:
                 visible = edge if visible is None else xp.logical_and(visible, edge)
+    if rows.chunks is not None:
+        # Chunks mask whether or not the block crosses a window's edge (``masked``).
+        cols = xp.reshape(xp.arange(s0, s1, device=scores.device), (1, n))
+        same = (cols // plan.chunk) == rows.chunks
+        visible = same if visible is None else xp.logical_and(visible, same)
     return scores, visible
 
 

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 
 from ..._results import AttentionResult
 from ..._types import Namespace
+from .._qv import fold_qv
+from .._softmax import join_sinks
 from ._bounds import _zero_shift_everywhere
 from ._inputs import _Inputs, _ones_appended, _prepare_inputs
 from ._items import _run_items
@@ -55,6 +57,16 @@ def blocked_attention(problem: AttentionProblem, *, return_weights: bool = False
         ``out`` (..., H, L, Ev), ``lse`` (..., H, L), ``weights`` or None.
     """
     xp = problem.xp
+    if problem.qv is not None:
+        return blocked_attention(fold_qv(problem), return_weights=return_weights,
+                                 block_l=block_l, block_s=block_s, num_threads=num_threads)
+    if problem.sinks is not None:
+        # The online softmax runs without the sinks, which then scale each row
+        # (``join_sinks``): one more term of the denominator, with no value.
+        res = blocked_attention(replace(problem, sinks=None), return_weights=return_weights,
+                                block_l=block_l, block_s=block_s, num_threads=num_threads)
+        out, lse, weights = join_sinks(res.out, res.lse, res.weights, problem.sinks, xp=xp)
+        return AttentionResult(out=out, lse=lse, weights=weights)
     plan = _make_plan(problem, block_l=block_l, block_s=block_s)
     batch, H, L, S, Ev = plan.batch, plan.H, plan.L, plan.S, plan.Ev
     dtype, device = problem.q.dtype, problem.q.device

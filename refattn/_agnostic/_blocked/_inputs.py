@@ -85,8 +85,9 @@ def _prepare_inputs(problem: AttentionProblem, plan: _Plan) -> _Inputs:
         keep=_pad_rank(keep, n, xp), k_norm=xp.sqrt(xp.max(squared_row_norms(kp, xp), axis=-1)),
         bias_max=bias_max, bias_min=bias_min if bias_min == bias_min else -math.inf,
         # The cached triangles cover the causal diagonal alone, not a window's lower edge.
+        # Nor the chunks, which _raw_scores applies with the masks.
         triangles=_CausalMasks(plan, xp, q.dtype, q.device)
-        if plan.causal and plan.low is None else None,
+        if plan.causal and plan.low is None and plan.chunk is None else None,
         dropout_p=dropout_p, masked_rows=masked_rows, Ev=plan.Ev,
         mods=mods if mods is not None and mods.active else None, mask_mod=mask_mod,
         zero_shift=False, xp=xp,
@@ -153,6 +154,7 @@ class _Rows:
     positions: Array | None  # (bl, 1) query index + shift, for the causal mask
     lows: Array | None  # (bl, 1) query index + low, for the window's lower edge
     alibi: tuple[Array, Array] | None  # (g, 1, 1) -ALiBi slopes, (bl, 1) query positions
+    chunks: Array | None = None  # (bl, 1) chunk index of each row's key position
 
     @property
     def bl(self) -> int:
@@ -183,8 +185,12 @@ def _rows(inp: _Inputs, plan: _Plan, b: tuple[int, ...], h0: int, l0: int, l1: i
                                 _axis_slice(inp.alibi.shape[-1], plan.H, h0, h0 + g))]
             alibi = (xp.reshape(-slopes, (slopes.shape[-1], 1, 1)),
                      xp.astype(index + plan.position_shift, q.dtype))
+    chunks = None
+    if plan.chunk is not None:
+        index = xp.reshape(xp.arange(l0, l1, device=q.device), (l1 - l0, 1))
+        chunks = (index + plan.position_shift) // plan.chunk
     return _Rows(
-        b=b, h0=h0, l0=l0, l1=l1, g=g, q=xp.reshape(q, (g * (l1 - l0), plan.E)),
+        b=b, h0=h0, l0=l0, l1=l1, g=g, chunks=chunks, q=xp.reshape(q, (g * (l1 - l0), plan.E)),
         bias=_rows_of(inp.bias, b, plan, h0, l0, l1),
         allowed=_rows_of(inp.allowed, b, plan, h0, l0, l1),
         keep=_rows_of(inp.keep, b, plan, h0, l0, l1), positions=positions, lows=lows,

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
+from ..._window import chunk_span
 from .._direct import group_size
 
 if TYPE_CHECKING:
@@ -75,7 +76,7 @@ def choose_blocks(
 
 def key_spans(
     start: int, stop: int, S: int, block_s: int, *, causal: bool, shift: int, skip: bool = True,
-    low: int | None = None,
+    low: int | None = None, chunk: int | None = None, position_shift: int = 0,
 ) -> list[Span]:
     """Key spans visited by query rows [start, stop), in order.
 
@@ -85,9 +86,16 @@ def key_spans(
     from the rest, so that only the triangle under the diagonal is ``masked`` (needs the
     positional mask). A lower edge ``low`` (a window's left edge: row i may attend keys
     j >= i + low) drops, unless ``skip`` is False, the spans below the first row's edge
-    and marks ``masked`` the spans the edge crosses.
+    and marks ``masked`` the spans the edge crosses. With ``chunk`` (chunked local
+    attention, rows at key positions ``i + position_shift``), unless ``skip`` is False,
+    the spans outside the chunks of rows [start, stop) are dropped; the chunk mask
+    itself is applied on every visited block (``_block_scores._raw_scores``).
     """
     spans = _upper_spans(start, stop, S, block_s, causal=causal, shift=shift, skip=skip)
+    if chunk is not None and skip and stop > start:
+        lo = chunk_span(start + position_shift, chunk)[0]
+        hi = chunk_span(stop - 1 + position_shift, chunk)[1]
+        spans = [span for span in spans if span.stop > lo and span.start < hi]
     if low is None:
         return spans
     kept = []
@@ -120,13 +128,13 @@ def _upper_spans(
 
 def query_blocks(
     start: int, stop: int, L: int, block_l: int, *, causal: bool, shift: int, skip: bool = True,
-    low: int | None = None,
+    low: int | None = None, chunk: int | None = None, position_shift: int = 0,
 ) -> list[Span]:
     """Query blocks (on the grid of ``block_l``) that see keys [start, stop), in order.
 
     The transpose of ``key_spans``: with ``causal`` (and ``skip``), blocks whose last row
     sees no key of the span are not visited; with a lower edge ``low``, blocks whose
-    first row sees none either.
+    first row sees none either; with ``chunk``, blocks whose chunks miss the span.
     """
     first = 0
     if causal and skip:
@@ -136,6 +144,10 @@ def query_blocks(
     blocks = []
     for l0 in range(first, L, block_l):
         l1 = min(l0 + block_l, L)
+        if chunk is not None and skip and (
+                chunk_span(l1 - 1 + position_shift, chunk)[1] <= start
+                or chunk_span(l0 + position_shift, chunk)[0] >= stop):
+            continue  # every row's chunk misses the span
         masked = causal and stop - 1 > l0 + shift
         if low is not None:
             if skip and l0 + low > stop - 1:
@@ -165,6 +177,7 @@ class _Plan:
     skip: bool  # skip the blocks the causal mask hides entirely
     low: int | None  # query i sees keys j >= i + low (a window's left edge), or None
     position_shift: int  # the alignment's shift, for ALiBi distances |i + shift - j|
+    chunk: int | None = None  # chunked local attention's chunk length, or None
 
     @property
     def ndim(self) -> int:
@@ -199,6 +212,7 @@ def _make_plan(problem: AttentionProblem, *, block_l: int | None, block_s: int |
         block_s=auto_s if block_s is None else block_s, causal=right is not None,
         shift=0 if right is None else shift + right, skip=True,
         low=None if left is None else shift - left, position_shift=shift,
+        chunk=problem.attention_chunk,
     )
 
 

@@ -232,7 +232,8 @@ def _backward_item(
     it = _grad_item(inp, plan, sums, b, slice(u * unit, (u + 1) * unit), c0,
                     min(c0 + chunk, plan.S))
     blocks = query_blocks(c0, it.c1, plan.L, plan.block_l, causal=plan.causal,
-                          shift=plan.shift, skip=plan.skip, low=plan.low)
+                          shift=plan.shift, skip=plan.skip, low=plan.low, chunk=plan.chunk,
+                          position_shift=plan.position_shift)
     augmented: dict[tuple[str, int], Array] = {}
     for h0 in range(it.heads.start, it.heads.stop, plan.group):
         k, v = _head_keys(inp, plan, augmented, it, h0)
@@ -270,7 +271,8 @@ def _query_block(
         _torch_rowsums(inp, plan, rg, it.b, h0, blk)
     dq_rows = xp.zeros((rows.R, plan.E), dtype=inp.q.dtype, device=inp.q.device)
     for span in key_spans(blk.start, blk.stop, plan.S, plan.block_s, causal=plan.causal,
-                          shift=plan.shift, skip=plan.skip, low=plan.low):
+                          shift=plan.shift, skip=plan.skip, low=plan.low, chunk=plan.chunk,
+                          position_shift=plan.position_shift):
         s0, s1 = max(span.start, it.c0), min(span.stop, it.c1)
         if s0 < s1:
             dq_rows = dq_rows + _key_block(inp, plan, rg, it, h0, k, v, s0, s1, span.masked)
