@@ -169,6 +169,10 @@ ENTRIES: dict[str, Entry] = {
         lambda a, lib, **kw: flash_attn.flash_attn_with_kvcache(
             a["q"], a["k_cache"], a["v_cache"], a["k"], a["v"], cache_seqlens=3, **kw),
         ("q", "k_cache", "v_cache"), ("q", "k_cache", "v_cache", "k", "v")),
+    "apply_rotary_emb": Entry(
+        _arrays(x=(1, 3, 2, 4), cos=(5, 1), sin=(5, 1)),
+        lambda a, lib, **kw: refattn.apply_rotary_emb(a["x"], a["cos"], a["sin"], **kw),
+        ("x", "cos", "sin"), ("x", "cos", "sin")),
     "flex_attention": Entry(
         _named(QKV, "query", "key", "value"),
         lambda a, lib, **kw: flex.flex_attention(a["query"], a["key"], a["value"], **kw),

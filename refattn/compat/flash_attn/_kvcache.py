@@ -195,7 +195,8 @@ def flash_attn_with_kvcache(
         raise TypeError(f"num_splits must be an int; got {num_splits!r}")
     cap = _softcap(softcap)
     fw = flash_window(window_size, causal, seqlen_q=L, seqlen_k=capacity,
-                      has_alibi=alibi_slopes is not None)
+                      has_alibi=alibi_slopes is not None,
+                      version=3 if lse_convention == "fa3" else 2)
     full_k, full_v = k_cache, v_cache
     index = None
     if cache_batch_idx is not None:

@@ -1,0 +1,113 @@
+"""flash-attn 3's conventions (``lse_convention="fa3"`` and
+``refattn.compat.flash_attn_interface``), and the flash-attn 2 additions (packed
+functions, 0-d window edges), against constructions written here.
+
+flash-attn 3 (Dao-AILab/flash-attention, hopper/flash_api.cpp and hopper/mask.h) takes
+``window_size`` literally: query i sees keys i + S - L - left .. i + S - L + right,
+-1 = unlimited, causal closing the right edge at 0. ``keep_mask`` below builds that by
+hand; ``reference`` is attention written out in NumPy with flash-attn 3's empty-row
+convention (output 0, LSE -inf).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from refattn.compat.flash_attn import flash_attn_func
+
+torch = pytest.importorskip("torch")
+xps = pytest.importorskip("array_api_strict")
+
+
+def keep_mask(L: int, S: int, left: int, right: int, causal: bool = False) -> np.ndarray:
+    i = np.arange(L)[:, None] + S - L
+    j = np.arange(S)[None, :]
+    keep = np.ones((L, S), dtype=bool)
+    if left >= 0:
+        keep &= j >= i - left
+    if causal:
+        right = 0
+    if right >= 0:
+        keep &= j <= i + right
+    return keep
+
+
+def reference(q, k, v, keep, scale=None):
+    """(out (B, L, H, Ev), lse (B, H, L)) for BLHD inputs, keep (L, S) or (B, H, L, S)."""
+    H, K = q.shape[2], k.shape[2]
+    k = np.repeat(k, H // K, axis=2)
+    v = np.repeat(v, H // K, axis=2)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = np.einsum("blhe,bshe->bhls", q, k) * scale
+    s = np.where(keep, s, -np.inf)
+    m = np.max(s, axis=-1, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    e = np.exp(s - m)
+    z = e.sum(-1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = np.where(z > 0, e / z, 0.0)
+        lse = np.where(z[..., 0] > 0, np.log(z[..., 0]) + m[..., 0], -np.inf)
+    return np.einsum("bhls,bshe->blhe", p, v), lse
+
+
+def _qkv(B, L, S, H, K, E, seed=0, Ev=None):
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((B, L, H, E)), rng.standard_normal((B, S, K, E)),
+            rng.standard_normal((B, S, K, Ev or E)))
+
+
+# --- 1. flash-attn 3's windows ---------------------------------------------------------------
+
+
+def test_issue_example_queries_before_the_window_see_no_key():
+    # q (1, 4, 1, 8), one key, window (1, 1): query i sits at key position i - 3 and
+    # sees keys i - 4 .. i - 2, so queries 0 and 1 see nothing (flash-attn 3); flash-attn
+    # 2 clamps left = 1 >= S = 1 to unlimited and right to S, and every query sees key 0.
+    q, k, v = _qkv(1, 4, 1, 1, 1, 8)
+    out, lse, _ = flash_attn_func(q, k, v, window_size=(1, 1), return_attn_probs=True,
+                                  lse_convention="fa3")
+    np.testing.assert_array_equal(out[0, :2], 0.0)
+    assert np.all(lse[0, 0, :2] == -np.inf)
+    np.testing.assert_allclose(out[0, 2:], np.broadcast_to(v[0, :1], (2, 1, 8)), rtol=1e-15)
+    out2 = flash_attn_func(q, k, v, window_size=(1, 1))
+    np.testing.assert_allclose(out2[0], np.broadcast_to(v[0], (4, 1, 8)), rtol=1e-15)
+
+
+WINDOWS = [(-1, -1), (0, 0), (1, 1), (2, -1), (-1, 2), (5, 0), (0, 7), (3, 3)]
+
+
+@pytest.mark.parametrize("window", WINDOWS)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("L,S", [(6, 2), (2, 6), (4, 4), (1, 5)])
+def test_fa3_window_is_the_literal_window(window, causal, L, S):
+    q, k, v = _qkv(2, L, S, 4, 2, 8, seed=L * 7 + S)
+    out, lse, _ = flash_attn_func(q, k, v, causal=causal, window_size=window,
+                                  return_attn_probs=True, lse_convention="fa3")
+    want_out, want_lse = reference(q, k, v, keep_mask(L, S, *window, causal=causal))
+    np.testing.assert_allclose(out, want_out, rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(lse, want_lse, rtol=1e-12, atol=1e-13)
+
+
+# --- 6. window edges as 0-d integer arrays ----------------------------------------------------
+
+
+@pytest.mark.parametrize("make", [np.asarray, torch.tensor, xps.asarray,
+                                  lambda w: np.int32(w)], ids=["numpy", "torch", "strict",
+                                                              "scalar"])
+def test_window_edges_as_0d_integer_arrays(make):
+    q, k, v = _qkv(1, 5, 5, 2, 2, 4, seed=3)
+    want = flash_attn_func(q, k, v, window_size=(2, 1))
+    got = flash_attn_func(q, k, v, window_size=(make(2), make(1)))
+    np.testing.assert_array_equal(got, want)
+    # A (2,) integer array is read as the pair.
+    got = flash_attn_func(q, k, v, window_size=np.asarray([2, 1]))
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("edge", [np.asarray(1.0), np.asarray(True), np.asarray([1]),
+                                  torch.tensor(1.5)])
+def test_window_edges_that_are_not_0d_integers_are_refused(edge):
+    q, k, v = _qkv(1, 2, 2, 1, 1, 4)
+    with pytest.raises(TypeError, match=r"window_size\[0\] \(left\) must be an int"):
+        flash_attn_func(q, k, v, window_size=(edge, 1))
