@@ -173,6 +173,26 @@ ENTRIES: dict[str, Entry] = {
         _arrays(x=(1, 3, 2, 4), cos=(5, 1), sin=(5, 1)),
         lambda a, lib, **kw: refattn.apply_rotary_emb(a["x"], a["cos"], a["sin"], **kw),
         ("x", "cos", "sin"), ("x", "cos", "sin")),
+    "flash_attn_qkvpacked_func": Entry(
+        _arrays(qkv=(1, 3, 3, 2, 4)),
+        lambda a, lib, **kw: flash_attn.flash_attn_qkvpacked_func(a["qkv"], **kw),
+        ("qkv",), ("qkv",), takes_rng=True),
+    "flash_attn_kvpacked_func": Entry(
+        _arrays(q=(1, 3, 2, 4), kv=(1, 5, 2, 2, 4)),
+        lambda a, lib, **kw: flash_attn.flash_attn_kvpacked_func(a["q"], a["kv"], **kw),
+        ("q", "kv"), ("q", "kv"), takes_rng=True),
+    "flash_attn_varlen_qkvpacked_func": Entry(
+        lambda lib: {"qkv": _random(lib, 3, 3, 2, 4), "cu_seqlens": _ints(lib, [0, 1, 3])},
+        lambda a, lib, **kw: flash_attn.flash_attn_varlen_qkvpacked_func(
+            a["qkv"], a["cu_seqlens"], 2, **kw),
+        ("qkv", "cu_seqlens"), ("qkv",), takes_rng=True),
+    "flash_attn_varlen_kvpacked_func": Entry(
+        lambda lib: {"q": _random(lib, 3, 2, 4), "kv": _random(lib, 5, 2, 2, 4, seed=1),
+                     "cu_seqlens_q": _ints(lib, [0, 1, 3]),
+                     "cu_seqlens_k": _ints(lib, [0, 2, 5])},
+        lambda a, lib, **kw: flash_attn.flash_attn_varlen_kvpacked_func(
+            a["q"], a["kv"], a["cu_seqlens_q"], a["cu_seqlens_k"], 2, 3, **kw),
+        ("q", "kv", "cu_seqlens_q", "cu_seqlens_k"), ("q", "kv"), takes_rng=True),
     "flex_attention": Entry(
         _named(QKV, "query", "key", "value"),
         lambda a, lib, **kw: flex.flex_attention(a["query"], a["key"], a["value"], **kw),

@@ -111,3 +111,61 @@ def test_window_edges_that_are_not_0d_integers_are_refused(edge):
     q, k, v = _qkv(1, 2, 2, 1, 1, 4)
     with pytest.raises(TypeError, match=r"window_size\[0\] \(left\) must be an int"):
         flash_attn_func(q, k, v, window_size=(edge, 1))
+
+
+# --- 5. the packed functions of flash-attn 2 --------------------------------------------------
+
+LIBS = {"numpy": np.asarray, "torch": torch.from_numpy, "strict": xps.asarray}
+
+
+def _np(x):
+    return x.numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+@pytest.mark.parametrize("lib", LIBS)
+def test_packed_functions_equal_the_unpacked_calls(lib):
+    from refattn.compat.flash_attn import (
+        flash_attn_kvpacked_func,
+        flash_attn_qkvpacked_func,
+        flash_attn_varlen_func,
+        flash_attn_varlen_kvpacked_func,
+        flash_attn_varlen_qkvpacked_func,
+    )
+    a = LIBS[lib]
+    rng = np.random.default_rng(5)
+    qkv = rng.standard_normal((2, 5, 3, 4, 8))
+    kw = dict(causal=True, window_size=(2, -1), softcap=3.0, return_attn_probs=True)
+    got = flash_attn_qkvpacked_func(a(qkv), **kw)
+    # The unpacked call on the same library: the packed form adds no arithmetic.
+    want = flash_attn_func(a(qkv[:, :, 0].copy()), a(qkv[:, :, 1].copy()),
+                           a(qkv[:, :, 2].copy()), **kw)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(_np(g), _np(w))
+    q, kv = rng.standard_normal((2, 3, 4, 8)), rng.standard_normal((2, 6, 2, 2, 8))
+    got = flash_attn_kvpacked_func(a(q), a(kv), **kw)
+    want = flash_attn_func(a(q), a(kv[:, :, 0].copy()), a(kv[:, :, 1].copy()), **kw)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(_np(g), _np(w))
+    cu = np.asarray([0, 3, 7])
+    packed = rng.standard_normal((7, 3, 2, 8))
+    got = flash_attn_varlen_qkvpacked_func(a(packed), a(cu), 4, causal=True)
+    want = flash_attn_varlen_func(*(a(packed[:, i].copy()) for i in range(3)), a(cu), a(cu),
+                                  4, 4, causal=True)
+    np.testing.assert_array_equal(_np(got), _np(want))
+    qp, kvp = rng.standard_normal((5, 2, 8)), rng.standard_normal((9, 2, 1, 8))
+    cu_q, cu_k = np.asarray([0, 2, 5]), np.asarray([0, 4, 9])
+    got = flash_attn_varlen_kvpacked_func(a(qp), a(kvp), a(cu_q), a(cu_k), 3, 5,
+                                          window_size=(1, 1))
+    want = flash_attn_varlen_func(a(qp), a(kvp[:, 0].copy()), a(kvp[:, 1].copy()), a(cu_q),
+                                  a(cu_k), 3, 5, window_size=(1, 1))
+    np.testing.assert_array_equal(_np(got), _np(want))
+
+
+@pytest.mark.parametrize("shape,match", [
+    ((2, 5, 2, 4, 8), r"qkv must have shape \(B, L, 3, H, E\) with 3 along axis 2"),
+    ((2, 5, 4, 8), r"qkv must have shape \(B, L, 3, H, E\)"),
+])
+def test_packed_shapes_are_checked(shape, match):
+    from refattn.compat.flash_attn import flash_attn_qkvpacked_func
+    with pytest.raises(ValueError, match=match):
+        flash_attn_qkvpacked_func(np.zeros(shape))
