@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from refattn.compat.flash_attn import flash_attn_func
+from refattn.compat.flash_attn import flash_attn_func, flash_attn_with_kvcache
 
 torch = pytest.importorskip("torch")
 xps = pytest.importorskip("array_api_strict")
@@ -169,3 +169,134 @@ def test_packed_shapes_are_checked(shape, match):
     from refattn.compat.flash_attn import flash_attn_qkvpacked_func
     with pytest.raises(ValueError, match=match):
         flash_attn_qkvpacked_func(np.zeros(shape))
+
+
+# --- 7 and 4. the KV cache: in place, rotary, leftpad -----------------------------------------
+
+
+def _rotate_by_hand(x, theta, interleaved):
+    """x (B, T, K, D) with pair m of token (b, t) turned by theta[b, t, m]: complex product."""
+    half = theta.shape[-1]
+    out = x.copy()
+    if interleaved:
+        z = (x[..., 0:2 * half:2] + 1j * x[..., 1:2 * half:2]) * np.exp(1j * theta[:, :, None])
+        out[..., 0:2 * half:2], out[..., 1:2 * half:2] = z.real, z.imag
+    else:
+        z = (x[..., :half] + 1j * x[..., half:2 * half]) * np.exp(1j * theta[:, :, None])
+        out[..., :half], out[..., half:2 * half] = z.real, z.imag
+    return out
+
+
+def _kvcache_reference(q, keys, values, causal, window=(-1, -1)):
+    """Per sequence: attention over its own keys (lists of (n_b, K, E)), bottom-right."""
+    outs, lses = [], []
+    for b in range(q.shape[0]):
+        L, n = q.shape[1], keys[b].shape[0]
+        o, lse = reference(q[b:b + 1], keys[b][None], values[b][None],
+                           keep_mask(L, n, *window, causal=causal))
+        outs.append(o[0])
+        lses.append(lse[0])
+    return np.stack(outs), np.stack(lses)
+
+
+@pytest.mark.parametrize("interleaved", [True, False])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("lib", LIBS)
+def test_kvcache_rotary_rotates_q_and_the_new_keys_then_appends_in_place(interleaved, causal,
+                                                                          lib):
+    a = LIBS[lib]
+    rng = np.random.default_rng(11)
+    B, L, Ln, H, K, E, cap, half = 2, 2, 2, 4, 2, 8, 8, 3  # rotary_dim 6 < E
+    q = rng.standard_normal((B, L, H, E))
+    k_new, v_new = rng.standard_normal((B, Ln, K, E)), rng.standard_normal((B, Ln, K, E))
+    k_cache, v_cache = rng.standard_normal((B, cap, K, E)), rng.standard_normal((B, cap, K, E))
+    lens = np.asarray([1, 4], dtype=np.int32)
+    ang = rng.uniform(-np.pi, np.pi, (12, half))
+    kc, vc = a(k_cache.copy()), a(v_cache.copy())
+    out, lse = flash_attn_with_kvcache(
+        a(q), kc, vc, a(k_new), a(v_new), rotary_cos=a(np.cos(ang)), rotary_sin=a(np.sin(ang)),
+        cache_seqlens=a(lens), causal=causal, rotary_interleaved=interleaved,
+        return_softmax_lse=True)
+    # By hand: key t of sequence b at position lens[b] + t; queries at lens[b] + i when
+    # causal, all at lens[b] otherwise.
+    k_pos = lens[:, None] + np.arange(Ln)[None]
+    q_pos = lens[:, None] + (np.arange(L)[None] if causal else np.zeros((1, L), int))
+    k_rot = _rotate_by_hand(k_new, ang[k_pos], interleaved)
+    q_rot = _rotate_by_hand(q, ang[q_pos], interleaved)
+    want_k, want_v = k_cache.copy(), v_cache.copy()
+    for b in range(B):
+        want_k[b, lens[b]:lens[b] + Ln] = k_rot[b]
+        want_v[b, lens[b]:lens[b] + Ln] = v_new[b]
+    np.testing.assert_allclose(_np(kc), want_k, rtol=0, atol=1e-14)
+    np.testing.assert_array_equal(_np(vc), want_v)
+    n = lens + Ln
+    want_out, want_lse = _kvcache_reference(q_rot, [want_k[b, :n[b]] for b in range(B)],
+                                            [want_v[b, :n[b]] for b in range(B)], causal)
+    np.testing.assert_allclose(_np(out), want_out, rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(_np(lse), want_lse, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("lib", LIBS)
+def test_kvcache_leftpad_reads_from_the_pad_and_appends_at_cache_seqlens(lib):
+    a = LIBS[lib]
+    rng = np.random.default_rng(12)
+    B, L, Ln, H, E, cap = 3, 2, 1, 2, 4, 7
+    q = rng.standard_normal((B, L, H, E))
+    k_new, v_new = rng.standard_normal((B, Ln, H, E)), rng.standard_normal((B, Ln, H, E))
+    k_cache, v_cache = rng.standard_normal((B, cap, H, E)), rng.standard_normal((B, cap, H, E))
+    lens, pad = np.asarray([3, 6, 2]), np.asarray([1, 4, 2])
+    kc, vc = a(k_cache.copy()), a(v_cache.copy())
+    out = flash_attn_with_kvcache(a(q), kc, vc, a(k_new), a(v_new), cache_seqlens=a(lens),
+                                  cache_leftpad=a(pad), causal=True, window_size=(1, -1))
+    want_k, want_v = k_cache.copy(), v_cache.copy()
+    for b in range(B):
+        want_k[b, lens[b]:lens[b] + Ln] = k_new[b]
+        want_v[b, lens[b]:lens[b] + Ln] = v_new[b]
+    np.testing.assert_array_equal(_np(kc), want_k)
+    np.testing.assert_array_equal(_np(vc), want_v)
+    keys = [want_k[b, pad[b]:lens[b] + Ln] for b in range(B)]
+    values = [want_v[b, pad[b]:lens[b] + Ln] for b in range(B)]
+    want_out, _ = _kvcache_reference(q, keys, values, True, (1, -1))
+    np.testing.assert_allclose(_np(out), want_out, rtol=1e-12, atol=1e-13)
+
+
+def test_kvcache_without_new_keys_writes_nothing_and_returns_out():
+    rng = np.random.default_rng(13)
+    q, k_cache, v_cache = (rng.standard_normal((1, 2, 1, 4)) for _ in range(3))
+    k_cache.flags.writeable = v_cache.flags.writeable = False  # nothing is written
+    out = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=2)
+    np.testing.assert_array_equal(out, flash_attn_func(q, k_cache, v_cache))
+
+
+def test_kvcache_on_immutable_arrays_is_refused_by_name():
+    jax = pytest.importorskip("jax")
+    with jax.enable_x64(True):
+        caches = [jax.numpy.zeros((1, 4, 1, 4)) for _ in range(2)]
+        step = jax.numpy.ones((1, 1, 1, 4))
+        with pytest.raises(TypeError, match=r"^k_cache cannot be written in place.*"
+                                            r"refattn\.attention_with_kvcache"):
+            flash_attn_with_kvcache(step, *caches, step, step, cache_seqlens=1)
+
+
+@pytest.mark.parametrize("kw,exc,match", [
+    (dict(rotary_cos=np.ones((8, 2))), ValueError, "rotary_cos and rotary_sin go together"),
+    (dict(rotary_cos=np.ones((8, 2)), rotary_sin=np.ones((8, 2)), new=False), ValueError,
+     "rotary_cos/rotary_sin rotate the new keys"),
+    (dict(rotary_cos=np.ones((2, 2)), rotary_sin=np.ones((2, 2))), ValueError,
+     r"rotary positions reach 2, beyond rotary_cos's 2 rows"),
+    (dict(rotary_cos=np.ones((8, 3)), rotary_sin=np.ones((8, 3))), ValueError,
+     "rotary_dim = 2 \\* rotary_cos.shape\\[1\\] = 6 exceeds the head dimension 4"),
+    (dict(cache_leftpad=np.asarray([0, 3])), ValueError, "cache_leftpad must lie in 0 .. "),
+    (dict(cache_leftpad=np.asarray([0, 0]), block_table=np.zeros((2, 1), np.int32)),
+     ValueError, "cache_leftpad cannot be combined with block_table"),
+])
+def test_kvcache_rotary_and_leftpad_errors(kw, exc, match):
+    rng = np.random.default_rng(14)
+    q = rng.standard_normal((2, 1, 2, 4))
+    args = dict(cache_seqlens=np.asarray([1, 2], dtype=np.int32))
+    if kw.pop("new", True):
+        args.update(k=q, v=q)
+    args.update(kw)
+    with pytest.raises(exc, match=match):
+        flash_attn_with_kvcache(q, rng.standard_normal((2, 3, 2, 4)),
+                                rng.standard_normal((2, 3, 2, 4)), **args)
