@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from refattn.compat import flash_attn_interface as fa3
 from refattn.compat.flash_attn import flash_attn_func, flash_attn_with_kvcache
 
 torch = pytest.importorskip("torch")
@@ -300,3 +301,177 @@ def test_kvcache_rotary_and_leftpad_errors(kw, exc, match):
     with pytest.raises(exc, match=match):
         flash_attn_with_kvcache(q, rng.standard_normal((2, 3, 2, 4)),
                                 rng.standard_normal((2, 3, 2, 4)), **args)
+
+
+# --- 2. flash-attn 3's interface --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lib", LIBS)
+@pytest.mark.parametrize("window,causal", [((-1, -1), False), ((1, 1), False), ((2, 0), True),
+                                           ((-1, 3), False)])
+def test_fa3_func_is_the_literal_window_and_returns_out_and_lse(lib, window, causal):
+    a = LIBS[lib]
+    q, k, v = _qkv(2, 6, 3, 4, 2, 8, seed=21, Ev=6)
+    res = fa3.flash_attn_func(a(q), a(k), a(v), causal=causal, window_size=window,
+                              softcap=2.0, return_attn_probs=True)
+    assert len(res) == 2
+    # softcap by hand on the scaled scores, then the literal window.
+    H, K = 4, 2
+    kk, vv = np.repeat(k, H // K, axis=2), np.repeat(v, H // K, axis=2)
+    s = 2.0 * np.tanh(np.einsum("blhe,bshe->bhls", q, kk) * 8 ** -0.5 / 2.0)
+    s = np.where(keep_mask(6, 3, *window, causal=causal), s, -np.inf)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        m = np.where(np.isfinite(s.max(-1, keepdims=True)), s.max(-1, keepdims=True), 0)
+        z = np.exp(s - m).sum(-1, keepdims=True)
+        p = np.where(z > 0, np.exp(s - m) / z, 0.0)
+        want_lse = np.where(z[..., 0] > 0, np.log(z[..., 0]) + m[..., 0], -np.inf)
+    want_out = np.einsum("bhls,bshe->blhe", p, vv)
+    np.testing.assert_allclose(_np(res[0]), want_out, rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(_np(res[1]), want_lse, rtol=1e-12, atol=1e-13)
+    # The flash-attn 2 front-end with lse_convention="fa3" is the same computation.
+    two = flash_attn_func(a(q), a(k), a(v), causal=causal, window_size=window, softcap=2.0,
+                          return_attn_probs=True, lse_convention="fa3")
+    np.testing.assert_array_equal(_np(res[0]), _np(two[0]))
+    np.testing.assert_array_equal(_np(res[1]), _np(two[1]))
+
+
+def test_fa3_performance_arguments_and_neutral_descales_change_nothing():
+    q, k, v = _qkv(1, 4, 5, 2, 1, 8, seed=22)
+    want = fa3.flash_attn_func(q, k, v, causal=True)
+    got = fa3.flash_attn_func(q, k, v, causal=True, num_splits=4, pack_gqa=True, sm_margin=8,
+                              deterministic=True, q_descale=np.ones((1, 1)),
+                              k_descale=np.ones((1, 1)), v_descale=None)
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("kw,exc,match", [
+    (dict(qv=np.zeros((1, 4, 2, 8))), TypeError, "refattn.attention does not take qv yet"),
+    (dict(attention_chunk=2), TypeError, "refattn.attention does not take attention_chunk"),
+    (dict(attention_chunk=-1), ValueError, "attention_chunk must be >= 0"),
+    (dict(q_descale=np.full((1, 1), 0.5)), ValueError, "q_descale must be None or all ones"),
+    (dict(num_splits=1.0), TypeError, "num_splits must be an int"),
+    (dict(pack_gqa=1), TypeError, "pack_gqa must be None, True or False"),
+])
+def test_fa3_refusals(kw, exc, match):
+    q, k, v = _qkv(1, 4, 5, 2, 1, 8)
+    with pytest.raises(exc, match=match):
+        fa3.flash_attn_func(q, k, v, **kw)
+
+
+def test_fa3_qkvpacked_both_forms_equal_the_unpacked_call():
+    rng = np.random.default_rng(23)
+    qkv = rng.standard_normal((2, 5, 3, 2, 8))
+    want = fa3.flash_attn_func(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], causal=True,
+                               return_attn_probs=True)
+    got = fa3.flash_attn_qkvpacked_func(qkv, causal=True, return_attn_probs=True)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(g, w)
+    heads = rng.standard_normal((2, 5, 4 + 2 * 2, 8))  # H = 4, K = 2
+    got = fa3.flash_attn_qkvpacked_func(heads, num_heads_q=4, window_size=(1, 0))
+    want = fa3.flash_attn_func(heads[:, :, :4], heads[:, :, 4:6], heads[:, :, 6:],
+                               window_size=(1, 0))
+    np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="num_heads_q=3 does not split"):
+        fa3.flash_attn_qkvpacked_func(heads, num_heads_q=3)
+
+
+@pytest.mark.parametrize("lib", LIBS)
+def test_fa3_varlen_with_seqused_is_the_loop_over_used_tokens(lib):
+    a = LIBS[lib]
+    rng = np.random.default_rng(24)
+    cu_q, cu_k = np.asarray([0, 3, 7, 9]), np.asarray([0, 4, 6, 11])
+    used_q, used_k = np.asarray([2, 4, 0]), np.asarray([4, 1, 3])
+    q, k, v = (rng.standard_normal((n, 2, 8)) for n in (9, 11, 11))
+    out, lse = fa3.flash_attn_varlen_func(
+        a(q), a(k), a(v), a(cu_q), a(cu_k), 4, 5, seqused_q=a(used_q), seqused_k=a(used_k),
+        window_size=(1, 0), return_attn_probs=True)
+    out, lse = _np(out), _np(lse)
+    for b in range(3):
+        q0, k0 = cu_q[b], cu_k[b]
+        nq, nk = used_q[b], used_k[b]
+        if nq:
+            want_out, want_lse = reference(q[None, q0:q0 + nq], k[None, k0:k0 + nk],
+                                           v[None, k0:k0 + nk], keep_mask(nq, nk, 1, 0))
+            np.testing.assert_allclose(out[q0:q0 + nq], want_out[0], rtol=1e-12, atol=1e-13)
+            np.testing.assert_allclose(lse[:, q0:q0 + nq], want_lse[0], rtol=1e-12,
+                                       atol=1e-13)
+        # The rows past seqused_q: flash-attn 3 leaves them unwritten; refattn 0 / -inf.
+        np.testing.assert_array_equal(out[q0 + nq:cu_q[b + 1]], 0.0)
+        assert np.all(lse[:, q0 + nq:cu_q[b + 1]] == -np.inf)
+
+
+def test_fa3_kvcache_literal_window_in_place_and_four_results():
+    rng = np.random.default_rng(25)
+    q = rng.standard_normal((1, 4, 1, 8))
+    k_cache, v_cache = rng.standard_normal((1, 3, 1, 8)), rng.standard_normal((1, 3, 1, 8))
+    k_new, v_new = rng.standard_normal((1, 1, 1, 8)), rng.standard_normal((1, 1, 1, 8))
+    want_k, want_v = k_cache.copy(), v_cache.copy()
+    want_k[0, 0], want_v[0, 0] = k_new[0], v_new[0]
+    res = fa3.flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=0,
+                                      window_size=(1, 1), return_softmax_lse=True)
+    assert len(res) == 4 and res[2].shape == (0,) and res[3].shape == (0,)
+    np.testing.assert_array_equal(k_cache, want_k)
+    np.testing.assert_array_equal(v_cache, want_v)
+    # One key (n = 1) and four queries: literally, queries 0 and 1 see nothing.
+    want_out, want_lse = reference(q, want_k[:, :1], want_v[:, :1], keep_mask(4, 1, 1, 1))
+    np.testing.assert_allclose(res[0], want_out, rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(res[1], want_lse, rtol=1e-12, atol=1e-13)
+    assert np.all(res[1][0, 0, :2] == -np.inf)
+
+
+def test_fa3_kvcache_packed_queries_and_new_keys_equal_per_sequence_calls():
+    rng = np.random.default_rng(26)
+    H, K, E, cap = 2, 1, 8, 6
+    cu_q, cu_kn = np.asarray([0, 2, 5]), np.asarray([0, 1, 3])
+    q = rng.standard_normal((5, H, E))
+    k_new, v_new = rng.standard_normal((3, K, E)), rng.standard_normal((3, K, E))
+    k_cache, v_cache = rng.standard_normal((2, cap, K, E)), rng.standard_normal((2, cap, K, E))
+    lens = np.asarray([2, 3], dtype=np.int32)
+    kc, vc = k_cache.copy(), v_cache.copy()
+    out, lse, *_ = fa3.flash_attn_with_kvcache(
+        q, kc, vc, k_new, v_new, cache_seqlens=lens, cu_seqlens_q=cu_q,
+        cu_seqlens_k_new=cu_kn, max_seqlen_q=3, causal=True, return_softmax_lse=True)
+    assert out.shape == (5, H, E) and lse.shape == (H, 5)
+    for b in range(2):
+        n_new = cu_kn[b + 1] - cu_kn[b]
+        want_k = k_cache[b].copy()
+        want_k[lens[b]:lens[b] + n_new] = k_new[cu_kn[b]:cu_kn[b + 1]]
+        np.testing.assert_array_equal(kc[b], want_k)
+        want_v = v_cache[b].copy()
+        want_v[lens[b]:lens[b] + n_new] = v_new[cu_kn[b]:cu_kn[b + 1]]
+        n = lens[b] + n_new
+        Lb = cu_q[b + 1] - cu_q[b]
+        want_out, want_lse = reference(q[None, cu_q[b]:cu_q[b + 1]], want_k[None, :n],
+                                       want_v[None, :n], keep_mask(Lb, n, -1, 0))
+        np.testing.assert_allclose(out[cu_q[b]:cu_q[b + 1]], want_out[0], rtol=1e-12,
+                                   atol=1e-13)
+        np.testing.assert_allclose(lse[:, cu_q[b]:cu_q[b + 1]], want_lse[0], rtol=1e-12,
+                                   atol=1e-13)
+
+
+def test_fa3_kvcache_page_table_with_cache_batch_idx_and_rotary_seqlens():
+    rng = np.random.default_rng(27)
+    B, page, per_seq, K, E = 2, 2, 2, 1, 8
+    q = rng.standard_normal((B, 1, 2, E))
+    k_new, v_new = rng.standard_normal((B, 1, K, E)), rng.standard_normal((B, 1, K, E))
+    k_cache, v_cache = (rng.standard_normal((B, page * per_seq, K, E)) for _ in range(2))
+    lens = np.asarray([1, 2], dtype=np.int32)
+    ang = rng.uniform(-np.pi, np.pi, (8, 4))
+    rot = dict(rotary_cos=np.cos(ang), rotary_sin=np.sin(ang),
+               rotary_seqlens=np.asarray([5, 0], dtype=np.int32), rotary_interleaved=False)
+    kc, vc = k_cache.copy(), v_cache.copy()
+    want = fa3.flash_attn_with_kvcache(q, kc, vc, k_new, v_new, cache_seqlens=lens,
+                                       causal=True, **rot)
+    # The same caches paged; the page table's rows in reverse order, picked by
+    # cache_batch_idx.
+    pool_k = k_cache.reshape(B * per_seq, page, K, E).copy()
+    pool_v = v_cache.reshape(B * per_seq, page, K, E).copy()
+    table = np.arange(B * per_seq, dtype=np.int32).reshape(B, per_seq)[::-1].copy()
+    got = fa3.flash_attn_with_kvcache(q, pool_k, pool_v, k_new, v_new, cache_seqlens=lens,
+                                      page_table=table, cache_batch_idx=np.asarray([1, 0]),
+                                      causal=True, **rot)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(pool_k.reshape(k_cache.shape), kc)
+    # rotary_seqlens, not cache_seqlens, places the new keys: sequence 0's key at 5.
+    by_hand = _rotate_by_hand(k_new[:1], ang[[[5]]], False)
+    np.testing.assert_allclose(kc[0, 1], by_hand[0, 0], rtol=0, atol=1e-14)
