@@ -475,3 +475,41 @@ def test_fa3_kvcache_page_table_with_cache_batch_idx_and_rotary_seqlens():
     # rotary_seqlens, not cache_seqlens, places the new keys: sequence 0's key at 5.
     by_hand = _rotate_by_hand(k_new[:1], ang[[[5]]], False)
     np.testing.assert_allclose(kc[0, 1], by_hand[0, 0], rtol=0, atol=1e-14)
+
+
+# --- 3. flash-attn 4's interface --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fa4_window,fa3_window", [
+    ((None, None), (-1, -1)), ((-1, -1), (-1, -1)), ((-3, 1), (-1, -1)), ((2, None), (2, -1)),
+    ((None, 1), (-1, 1)), ((0, 0), (0, 0)), ((np.int64(1), torch.tensor(2)), (1, 2)),
+])
+def test_fa4_window_none_is_unlimited_and_results_are_a_pair(fa4_window, fa3_window):
+    from refattn.compat import flash_attn_cute as fa4
+    q, k, v = _qkv(1, 5, 4, 2, 1, 8, seed=31)
+    out, lse = fa4.flash_attn_func(q, k, v, window_size=fa4_window, return_lse=True)
+    want_out, want_lse = reference(q, k, v, keep_mask(5, 4, *fa3_window))
+    np.testing.assert_allclose(out, want_out, rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(lse, want_lse, rtol=1e-12, atol=1e-13)
+    out2, none = fa4.flash_attn_func(q, k, v, window_size=fa4_window)
+    assert none is None
+    np.testing.assert_array_equal(out2, out)
+
+
+def test_fa4_varlen_equals_fa3_and_refusals():
+    from refattn.compat import flash_attn_cute as fa4
+    rng = np.random.default_rng(32)
+    q, k, v = (rng.standard_normal((7, 2, 8)) for _ in range(3))
+    cu = np.asarray([0, 3, 7])
+    out, lse = fa4.flash_attn_varlen_func(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu,
+                                          causal=True, window_size=(1, None), return_lse=True)
+    want = fa3.flash_attn_varlen_func(q, k, v, cu, cu, 4, 4, causal=True, window_size=(1, -1),
+                                      return_attn_probs=True)
+    np.testing.assert_array_equal(out, want[0])
+    np.testing.assert_array_equal(lse, want[1])
+    with pytest.raises(TypeError, match="refattn.attention does not take sinks yet"):
+        fa4.flash_attn_func(q[None], k[None], v[None], learnable_sink=np.zeros(2))
+    with pytest.raises(NotImplementedError, match="score_mod is a CuTe-DSL extension"):
+        fa4.flash_attn_func(q[None], k[None], v[None], score_mod=lambda *a: a[0])
+    with pytest.raises(ValueError, match=r"window_size\[0\] must be >= 0 or None"):
+        fa4.flash_attn_func(q[None], k[None], v[None], window_size=(-1, 3))
