@@ -16,6 +16,7 @@ from .compat.torch import (
     scaled_dot_product_attention_backward,
 )
 from .kvcache import KVCacheResult, attention_with_kvcache
+from .rotary import apply_rotary_emb
 from .varlen import attention_varlen, attention_varlen_backward
 
 __version__ = "0.1.0"
@@ -26,6 +27,7 @@ __all__ = [
     "KVCacheResult",
     "MultiheadAttention",
     "__version__",
+    "apply_rotary_emb",
     "attention",
     "attention_backward",
     "attention_pooling",

@@ -169,6 +169,30 @@ ENTRIES: dict[str, Entry] = {
         lambda a, lib, **kw: flash_attn.flash_attn_with_kvcache(
             a["q"], a["k_cache"], a["v_cache"], a["k"], a["v"], cache_seqlens=3, **kw),
         ("q", "k_cache", "v_cache"), ("q", "k_cache", "v_cache", "k", "v")),
+    "apply_rotary_emb": Entry(
+        _arrays(x=(1, 3, 2, 4), cos=(5, 1), sin=(5, 1)),
+        lambda a, lib, **kw: refattn.apply_rotary_emb(a["x"], a["cos"], a["sin"], **kw),
+        ("x", "cos", "sin"), ("x", "cos", "sin")),
+    "flash_attn_qkvpacked_func": Entry(
+        _arrays(qkv=(1, 3, 3, 2, 4)),
+        lambda a, lib, **kw: flash_attn.flash_attn_qkvpacked_func(a["qkv"], **kw),
+        ("qkv",), ("qkv",), takes_rng=True),
+    "flash_attn_kvpacked_func": Entry(
+        _arrays(q=(1, 3, 2, 4), kv=(1, 5, 2, 2, 4)),
+        lambda a, lib, **kw: flash_attn.flash_attn_kvpacked_func(a["q"], a["kv"], **kw),
+        ("q", "kv"), ("q", "kv"), takes_rng=True),
+    "flash_attn_varlen_qkvpacked_func": Entry(
+        lambda lib: {"qkv": _random(lib, 3, 3, 2, 4), "cu_seqlens": _ints(lib, [0, 1, 3])},
+        lambda a, lib, **kw: flash_attn.flash_attn_varlen_qkvpacked_func(
+            a["qkv"], a["cu_seqlens"], 2, **kw),
+        ("qkv", "cu_seqlens"), ("qkv",), takes_rng=True),
+    "flash_attn_varlen_kvpacked_func": Entry(
+        lambda lib: {"q": _random(lib, 3, 2, 4), "kv": _random(lib, 5, 2, 2, 4, seed=1),
+                     "cu_seqlens_q": _ints(lib, [0, 1, 3]),
+                     "cu_seqlens_k": _ints(lib, [0, 2, 5])},
+        lambda a, lib, **kw: flash_attn.flash_attn_varlen_kvpacked_func(
+            a["q"], a["kv"], a["cu_seqlens_q"], a["cu_seqlens_k"], 2, 3, **kw),
+        ("q", "kv", "cu_seqlens_q", "cu_seqlens_k"), ("q", "kv"), takes_rng=True),
     "flex_attention": Entry(
         _named(QKV, "query", "key", "value"),
         lambda a, lib, **kw: flex.flex_attention(a["query"], a["key"], a["value"], **kw),
@@ -508,18 +532,33 @@ def test_layouts_give_the_contiguous_answer(path, layout):
         np.testing.assert_array_equal(x, saved[n])
 
 
+# flash-attn's KV-cache functions append the new keys into the caches in place, as
+# flash-attn does (docs/conventions.rst): only their caches are written.
+IN_PLACE = {"flash_attn_with_kvcache": ("k_cache", "v_cache")}
+
+
 @pytest.mark.parametrize("name", _each())
 def test_inputs_are_never_written(name):
     # Every array read-only: a path that wrote into an input would raise; values are
     # compared too, for arrays of libraries without read-only flags.
     entry = ENTRIES[name]
     arrays = entry.arrays("numpy")
-    saved = {n: x.copy() for n, x in arrays.items()}
-    for x in arrays.values():
-        x.flags.writeable = False
-    entry.call(arrays, "numpy", **_options(name))
+    written = IN_PLACE.get(name, ())
+    saved = {n: x.copy() for n, x in arrays.items() if n not in written}
     for n, x in arrays.items():
-        np.testing.assert_array_equal(x, saved[n])
+        x.flags.writeable = n in written
+    entry.call(arrays, "numpy", **_options(name))
+    for n, x in saved.items():
+        np.testing.assert_array_equal(arrays[n], x)
+
+
+@pytest.mark.parametrize("name", sorted(IN_PLACE))
+def test_read_only_caches_are_refused_by_name(name):
+    entry = ENTRIES[name]
+    arrays = entry.arrays("numpy")
+    arrays[IN_PLACE[name][0]].flags.writeable = False
+    with pytest.raises(TypeError, match=f"^{IN_PLACE[name][0]} cannot be written in place"):
+        entry.call(arrays, "numpy", **_options(name))
 
 
 # --- memory: the bounded path stays small, the materialised ones refuse at once ---------

@@ -1,5 +1,7 @@
 """flash-attn's conventions: ``flash_attn_func``, ``flash_attn_varlen_func``,
-``flash_attn_with_kvcache``.
+``flash_attn_with_kvcache`` and the packed forms (``flash_attn_qkvpacked_func``,
+``flash_attn_kvpacked_func``, ``flash_attn_varlen_qkvpacked_func``,
+``flash_attn_varlen_kvpacked_func``).
 
 Reproduces the forward pass of flash-attn 2 (the ``flash_attn`` package, read at
 Dao-AILab/flash-attention commit 0251105a: ``flash_attn/flash_attn_interface.py``,
@@ -29,6 +31,20 @@ from ._args import LSE_CONVENTIONS as LSE_CONVENTIONS
 from ._args import flash_window as flash_window
 from ._dense import flash_attn_func
 from ._kvcache import flash_attn_with_kvcache
+from ._packed import (
+    flash_attn_kvpacked_func,
+    flash_attn_qkvpacked_func,
+    flash_attn_varlen_kvpacked_func,
+    flash_attn_varlen_qkvpacked_func,
+)
 from ._varlen import flash_attn_varlen_func
 
-__all__ = ["flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache"]
+__all__ = [
+    "flash_attn_func",
+    "flash_attn_kvpacked_func",
+    "flash_attn_qkvpacked_func",
+    "flash_attn_varlen_func",
+    "flash_attn_varlen_kvpacked_func",
+    "flash_attn_varlen_qkvpacked_func",
+    "flash_attn_with_kvcache",
+]

@@ -5,6 +5,7 @@ normalisation (``flash_window``), softcap, the LSE convention, shapes, and the L
 from __future__ import annotations
 
 import numbers
+import operator
 from typing import Any, NamedTuple
 
 from ... import _validate
@@ -22,34 +23,52 @@ class _FlashWindow(NamedTuple):
     causal_alibi: bool  # the kernel's "is_causal" branch, which writes ALiBi as +slope * j
 
 
+def _window_edge(index: int, value: Any) -> int:
+    """One window edge as a Python int: an int, or a 0-d integer array or tensor (as
+    flash-attn's own tests pass it)."""
+    side = ("left", "right")[index]
+    seen = f"{type(value).__name__} {value!r}"
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        # A 0-d array converts through __index__ (NumPy, torch, array-api-strict all
+        # define it for integer 0-d arrays); a bool or float dtype is refused rather
+        # than truncated.
+        if tuple(value.shape) != () or "bool" in str(value.dtype) or not any(
+                kind in str(value.dtype) for kind in ("int", "uint")):
+            raise TypeError(
+                f"window_size[{index}] ({side}) must be an int or a 0-d integer array "
+                f"(-1 = unlimited); got {seen}"
+            )
+        value = operator.index(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(
+            f"window_size[{index}] ({side}) must be an int (-1 = unlimited); got {seen}"
+        )
+    if value < -1:
+        # flash-attn reads every negative value as "unlimited"; anything but -1 is far
+        # more likely a slip than a request, so it is refused rather than guessed at.
+        raise ValueError(
+            f"window_size[{index}] ({side}) must be >= 0, or -1 for unlimited; got "
+            f"{int(value)}"
+        )
+    return int(value)
+
+
 def _check_window_size(window_size: Any) -> tuple[int, int]:
+    if hasattr(window_size, "shape") and tuple(window_size.shape) == (2,):
+        window_size = (window_size[0], window_size[1])  # a (2,) integer array or tensor
     if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
         raise TypeError(
             f"window_size must be a pair (left, right) of ints, -1 = unlimited; got "
             f"{window_size!r}"
         )
-    sides: list[int] = []
-    for side, value in zip(("left", "right"), window_size, strict=True):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise TypeError(
-                f"window_size[{len(sides)}] ({side}) must be an int (-1 = unlimited); got "
-                f"{type(value).__name__} {value!r}"
-            )
-        if value < -1:
-            # flash-attn reads every negative value as "unlimited"; anything but -1 is far
-            # more likely a slip than a request, so it is refused rather than guessed at.
-            raise ValueError(
-                f"window_size[{len(sides)}] ({side}) must be >= 0, or -1 for unlimited; got "
-                f"{int(value)}"
-            )
-        sides.append(int(value))
-    return sides[0], sides[1]
+    return _window_edge(0, window_size[0]), _window_edge(1, window_size[1])
 
 
 def flash_window(window_size: Any, causal: Any, *, seqlen_q: int, seqlen_k: int,
-                 has_alibi: bool) -> _FlashWindow:
-    """flash-attn 2's normalisation of ``causal`` and ``window_size`` (mha_fwd,
-    mha_varlen_fwd and mha_fwd_kvcache in flash_api.cpp, then set_params_fprop).
+                 has_alibi: bool, version: int = 2) -> _FlashWindow:
+    """flash-attn's normalisation of ``causal`` and ``window_size``: flash-attn 2's
+    (mha_fwd, mha_varlen_fwd and mha_fwd_kvcache in csrc/flash_attn/flash_api.cpp, then
+    set_params_fprop) or, with ``version=3``, flash-attn 3's (hopper/flash_api.cpp).
 
     An internal helper shared by this package's front-ends, the audit behind
     ``refattn check`` (``refattn._audit``) and ``refattn.testing.strategies``; it is
@@ -60,16 +79,24 @@ def flash_window(window_size: Any, causal: Any, *, seqlen_q: int, seqlen_k: int,
     is kept: with a finite left edge, an unlimited (-1) or too large right edge becomes
     ``seqlen_k``, which hides every key from the first L - S - 1 queries when L > S + 1.
 
+    flash-attn 3 clamps differently, and never in a way that changes the result: an edge
+    it calls unlimited (left >= seqlen_k - 1, right >= seqlen_q - 1) or -1 becomes
+    seqlen_k - 1 (left) or seqlen_q - 1 (right), which reach every key of every row
+    anyway. Its window is therefore the literal one, -1 = unlimited.
+
     Parameters
     ----------
     window_size : (int, int)
-        flash-attn's ``(left, right)``, -1 = unlimited.
+        flash-attn's ``(left, right)``, -1 = unlimited; ints, or 0-d integer arrays.
     causal : bool
         flash-attn's ``causal``.
     seqlen_q, seqlen_k : int
         The query length and the length the C++ front-end clamps with (see above).
     has_alibi : bool
         Whether ALiBi slopes are given (they change what ``causal`` means).
+    version : {2, 3}
+        Whose clamping: flash-attn 2's (the default) or flash-attn 3's (flash-attn 4's
+        is flash-attn 3's).
 
     Returns
     -------
@@ -80,6 +107,15 @@ def flash_window(window_size: Any, causal: Any, *, seqlen_q: int, seqlen_k: int,
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be True or False; got {causal!r}")
     left, right = _check_window_size(window_size)
+    if version not in (2, 3):
+        raise ValueError(f"version must be 2 or 3; got {version!r}")
+    if version == 3:
+        # flash-attn 3 has no ALiBi, hence no causal ALiBi branch; causal only closes
+        # the right edge.
+        if causal:
+            right = 0
+        literal = (None if left < 0 else left, None if right < 0 else right)
+        return _FlashWindow(None if literal == (None, None) else literal, False)
     if left >= seqlen_k:
         left = -1
     if right >= seqlen_k:

@@ -78,8 +78,11 @@ def flash_attn_func(
     rng : int or numpy.random.Generator, optional
         Keyword only: draws the keep-mask on the host instead.
     lse_convention : {"fa2", "fa3"}
-        LSE of a row that sees no key (or whose exp-sum is NaN): +inf as flash-attn 2
-        returns it, or -inf as flash-attn 3 does.
+        Whose conventions: ``"fa2"`` (the default) or ``"fa3"``. They differ in the LSE
+        of a row that sees no key (or whose exp-sum is NaN), +inf in flash-attn 2 and
+        -inf in flash-attn 3, and in the window: flash-attn 3 takes ``window_size``
+        literally, without flash-attn 2's clamping, and has no causal ALiBi branch
+        (the LSE carries no row constant).
     xp : namespace or str, optional
         Array namespace of the inputs or its name, e.g. ``xp="numpy"``; inferred
         when None.
@@ -147,7 +150,8 @@ def flash_attn_func(
     S = k_shape[1]
     cap = _softcap(softcap)
     fw = flash_window(window_size, causal, seqlen_q=L, seqlen_k=S,
-                      has_alibi=alibi_slopes is not None)
+                      has_alibi=alibi_slopes is not None,
+                      version=3 if lse_convention == "fa3" else 2)
     dtype, (qc, kc, vc) = _compute_inputs(xp, {"q": q, "k": k, "v": v})
     res = attention(
         qc, kc, vc, window=fw.window, alignment="bottom_right", scale=softmax_scale,

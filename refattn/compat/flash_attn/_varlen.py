@@ -213,7 +213,8 @@ def flash_attn_varlen_func(
                               _lengths("cu_seqlens_k", cu_seqlens_k, k.shape[0], xp), xp)
     cap = _softcap(softcap)
     fw = flash_window(window_size, causal, seqlen_q=max_q, seqlen_k=max_k,
-                      has_alibi=alibi_slopes is not None)
+                      has_alibi=alibi_slopes is not None,
+                      version=3 if lse_convention == "fa3" else 2)
     H = q.shape[1]
     keep = None
     if dropout_mask is not None:
