@@ -70,9 +70,11 @@ def _refuse_cute(**extensions: Any) -> None:
 
 
 def _sinks(learnable_sink: Any) -> None:
+    # refattn's varlen front-end takes no sinks; flash_attn_func hands them to
+    # refattn.attention(sinks=).
     if learnable_sink is not None:
-        raise TypeError("refattn.attention does not take sinks yet: flash-attn 4's "
-                        "learnable_sink cannot be reproduced; pass None")
+        raise TypeError("refattn's varlen front-end does not take learnable_sink: "
+                        "flash_attn_func reproduces it; pass None")
 
 
 def flash_attn_func(
@@ -155,12 +157,11 @@ block_sparse_tensors, block_sparse_tensors_bwd : None
                  score_mod_bwd=score_mod_bwd, mask_mod=mask_mod, aux_tensors=aux_tensors,
                  aux_scalars=aux_scalars, block_sparse_tensors=block_sparse_tensors,
                  block_sparse_tensors_bwd=block_sparse_tensors_bwd)
-    _sinks(learnable_sink)
     res = _fa3.flash_attn_func(q, k, v, softmax_scale, causal, qv,
                                window_size=_window(window_size), softcap=softcap,
                                num_splits=num_splits, pack_gqa=pack_gqa,
                                deterministic=deterministic, return_attn_probs=return_lse,
-                               xp=xp)
+                               xp=xp, _sinks=learnable_sink)
     return (res[0], res[1]) if return_lse else (res, None)
 
 

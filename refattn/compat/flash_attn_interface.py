@@ -20,11 +20,13 @@ the result: they are checked for type and otherwise ignored. The FP8 descales
 (``q_descale``, ``k_descale``, ``v_descale``) are accepted at their neutral value (None,
 or all ones); others raise ValueError: refattn does not quantise.
 
-``qv`` and ``attention_chunk`` need options of :func:`refattn.attention` that it does
-not have yet; they are translated in one place (``_core_variants``) and refused with
-TypeError until then. Each function translates its arguments into the flash-attn 2
-front-ends of :mod:`refattn.compat.flash_attn` with ``lse_convention="fa3"``; nothing
-here computes attention.
+``qv`` (scores ``scale (q k^T + qv v^T)``, default scale ``1/sqrt(E + Ev)``) and
+``attention_chunk`` (queries see the keys of their own chunk, aligned bottom-right as the
+causal mask) are :func:`refattn.attention`'s ``qv=`` and ``attention_chunk=``, taken by
+``flash_attn_func``; the varlen and KV-cache functions refuse them by name. Each
+function translates its arguments into the flash-attn 2 front-ends of
+:mod:`refattn.compat.flash_attn` with ``lse_convention="fa3"``; nothing here computes
+attention.
 """
 
 from __future__ import annotations
@@ -47,10 +49,11 @@ __all__ = [
 # --- arguments that change nothing, or that the core does not take yet -----------------------
 
 
-def _core_variants(*, qv: Any, attention_chunk: Any) -> dict[str, Any]:
+def _core_variants(*, qv: Any, attention_chunk: Any, front_end: str = "dense") -> dict[str, Any]:
     """flash-attn 3's ``qv`` and ``attention_chunk`` as keyword arguments of
-    :func:`refattn.attention` (``qv=``, ``attention_chunk=``), empty at their neutral
-    values. The one place to wire them once the core takes them."""
+    :func:`refattn.attention` (``qv=``, ``attention_chunk=``; flash-attn's chunks are
+    aligned bottom-right, as its causal mask), empty at their neutral values. refattn's
+    varlen and KV-cache front-ends do not take them: there they are refused by name."""
     if isinstance(attention_chunk, bool) or not isinstance(attention_chunk, numbers.Integral):
         raise TypeError(f"attention_chunk must be an int (0 = off); got {attention_chunk!r}")
     if attention_chunk < 0:
@@ -60,12 +63,13 @@ def _core_variants(*, qv: Any, attention_chunk: Any) -> dict[str, Any]:
         wanted["qv"] = qv
     if attention_chunk:
         wanted["attention_chunk"] = int(attention_chunk)
-    for name in wanted:
-        raise TypeError(
-            f"refattn.attention does not take {name} yet: flash-attn 3's {name}="
-            f"{'<array>' if name == 'qv' else wanted[name]} cannot be reproduced; pass "
-            f"{'None' if name == 'qv' else '0'}"
-        )
+    if front_end != "dense":
+        for name in wanted:
+            raise TypeError(
+                f"refattn's {front_end} front-end does not take {name}: flash-attn 3's "
+                f"{name}={'<array>' if name == 'qv' else wanted[name]} is reproduced by "
+                f"flash_attn_func only; pass {'None' if name == 'qv' else '0'}"
+            )
     return wanted
 
 
@@ -121,6 +125,7 @@ def flash_attn_func(
     return_attn_probs: bool = False,
     *,
     xp: Any = None,
+    _sinks: Any = None,
 ) -> Any:
     """``flash_attn_interface.flash_attn_func`` (flash-attn 3), computed in float64.
 
@@ -182,9 +187,11 @@ def flash_attn_func(
                        deterministic=deterministic)
     _check_descales(q_descale=q_descale, k_descale=k_descale, v_descale=v_descale)
     variants = _core_variants(qv=qv, attention_chunk=attention_chunk)
+    if _sinks is not None:
+        variants["sinks"] = _sinks
     res = _dense.flash_attn_func(
         q, k, v, 0.0, _scale(softmax_scale, q, qv), causal, window_size, softcap, None,
-        deterministic, return_attn_probs, lse_convention="fa3", xp=xp, **variants)
+        deterministic, return_attn_probs, lse_convention="fa3", xp=xp, _variants=variants)
     return (res[0], res[1]) if return_attn_probs else res
 
 
@@ -362,7 +369,7 @@ attention_chunk, softcap, num_splits, pack_gqa, deterministic, sm_margin, xp :
     _check_performance(num_splits=num_splits, pack_gqa=pack_gqa, sm_margin=sm_margin,
                        deterministic=deterministic)
     _check_descales(q_descale=q_descale, k_descale=k_descale, v_descale=v_descale)
-    variants = _core_variants(qv=qv, attention_chunk=attention_chunk)
+    variants = _core_variants(qv=qv, attention_chunk=attention_chunk, front_end="varlen")
     if cu_seqlens_q is None or cu_seqlens_k is None:
         raise TypeError("refattn's flash_attn_varlen_func needs cu_seqlens_q and "
                         "cu_seqlens_k; for batched (B, L, H, E) inputs use flash_attn_func")
@@ -541,7 +548,7 @@ softcap :
                         f"{type(scheduler_metadata).__name__}")
     _check_performance(num_splits=num_splits, pack_gqa=pack_gqa, sm_margin=sm_margin)
     _check_descales(q_descale=q_descale, k_descale=k_descale, v_descale=v_descale)
-    _core_variants(qv=qv, attention_chunk=attention_chunk)
+    _core_variants(qv=qv, attention_chunk=attention_chunk, front_end="KV-cache")
     common = dict(rotary_cos=rotary_cos, rotary_sin=rotary_sin, softmax_scale=softmax_scale,
                   causal=causal, window_size=window_size, softcap=softcap,
                   rotary_interleaved=rotary_interleaved, alibi_slopes=None, version=3,

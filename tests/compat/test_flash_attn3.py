@@ -345,9 +345,8 @@ def test_fa3_performance_arguments_and_neutral_descales_change_nothing():
 
 
 @pytest.mark.parametrize("kw,exc,match", [
-    (dict(qv=np.zeros((1, 4, 2, 8))), TypeError, "refattn.attention does not take qv yet"),
-    (dict(attention_chunk=2), TypeError, "refattn.attention does not take attention_chunk"),
     (dict(attention_chunk=-1), ValueError, "attention_chunk must be >= 0"),
+    (dict(attention_chunk=2.0), TypeError, "attention_chunk must be an int"),
     (dict(q_descale=np.full((1, 1), 0.5)), ValueError, "q_descale must be None or all ones"),
     (dict(num_splits=1.0), TypeError, "num_splits must be an int"),
     (dict(pack_gqa=1), TypeError, "pack_gqa must be None, True or False"),
@@ -507,9 +506,85 @@ def test_fa4_varlen_equals_fa3_and_refusals():
                                       return_attn_probs=True)
     np.testing.assert_array_equal(out, want[0])
     np.testing.assert_array_equal(lse, want[1])
-    with pytest.raises(TypeError, match="refattn.attention does not take sinks yet"):
-        fa4.flash_attn_func(q[None], k[None], v[None], learnable_sink=np.zeros(2))
+    with pytest.raises(TypeError, match="varlen front-end does not take learnable_sink"):
+        fa4.flash_attn_varlen_func(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu,
+                                   learnable_sink=np.zeros(2))
     with pytest.raises(NotImplementedError, match="score_mod is a CuTe-DSL extension"):
         fa4.flash_attn_func(q[None], k[None], v[None], score_mod=lambda *a: a[0])
     with pytest.raises(ValueError, match=r"window_size\[0\] must be >= 0 or None"):
         fa4.flash_attn_func(q[None], k[None], v[None], window_size=(-1, 3))
+
+
+# --- qv, attention_chunk (flash-attn 3) and learnable sinks (flash-attn 4) ---------------------
+
+
+def _softmax_reference(scores, values, sink=None):
+    """softmax over the last axis (a -inf row gives zeros) @ values, with an optional
+    sink logit per head (B, H, L, S) joining each row's denominator."""
+    m = np.max(scores, axis=-1, keepdims=True, initial=-np.inf)
+    if sink is not None:
+        m = np.maximum(m, sink[None, :, None, None])
+    m = np.where(np.isfinite(m), m, 0.0)
+    p = np.exp(scores - m)
+    total = p.sum(axis=-1, keepdims=True)
+    if sink is not None:
+        total = total + np.exp(sink[None, :, None, None] - m)
+    p = p / np.where(total > 0, total, 1.0)
+    return p @ values
+
+
+def _bhld(x):
+    return np.swapaxes(x, 1, 2)
+
+
+def test_fa3_qv_adds_qv_v_to_the_scores_with_flash_attn_3s_default_scale():
+    rng = np.random.default_rng(40)
+    q = rng.standard_normal((2, 5, 2, 8))
+    k = rng.standard_normal((2, 6, 2, 8))
+    v = rng.standard_normal((2, 6, 2, 4))
+    qv = rng.standard_normal((2, 5, 2, 4))
+    out = fa3.flash_attn_func(q, k, v, causal=True, qv=qv)
+    scale = (8 + 4) ** -0.5  # flash-attn 3: head dims of q and qv together
+    scores = scale * (_bhld(q) @ np.swapaxes(_bhld(k), -1, -2)
+                      + _bhld(qv) @ np.swapaxes(_bhld(v), -1, -2))
+    visible = np.arange(6)[None, :] <= np.arange(5)[:, None] + 1  # bottom-right causal
+    want = _softmax_reference(np.where(visible, scores, -np.inf), _bhld(v))
+    np.testing.assert_allclose(out, _bhld(want), rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3])
+def test_fa3_attention_chunk_keeps_each_query_in_its_bottom_right_chunk(chunk):
+    q, k, v = _qkv(1, 4, 7, 2, 1, 8, seed=41)
+    out = fa3.flash_attn_func(q, k, v, causal=True, attention_chunk=chunk)
+    i = np.arange(4)[:, None] + 7 - 4  # query positions, bottom-right
+    j = np.arange(7)[None, :]
+    visible = (j <= i) & (j // chunk == i // chunk)
+    kk, vv = (np.repeat(_bhld(x), 2, axis=1) for x in (k, v))
+    scores = 8 ** -0.5 * (_bhld(q) @ np.swapaxes(kk, -1, -2))
+    want = _softmax_reference(np.where(visible, scores, -np.inf), vv)
+    np.testing.assert_allclose(out, _bhld(want), rtol=0, atol=1e-13)
+
+
+def test_fa3_varlen_and_kvcache_refuse_qv_and_chunks_by_name():
+    rng = np.random.default_rng(42)
+    q, k, v = (rng.standard_normal((5, 2, 8)) for _ in range(3))
+    cu = np.asarray([0, 2, 5])
+    with pytest.raises(TypeError, match="varlen front-end does not take attention_chunk"):
+        fa3.flash_attn_varlen_func(q, k, v, cu, cu, 3, 3, attention_chunk=2)
+
+
+def test_fa4_learnable_sink_joins_each_rows_denominator():
+    from refattn.compat import flash_attn_cute as fa4
+
+    q, k, v = _qkv(1, 3, 5, 2, 2, 8, seed=43)
+    sink = np.asarray([0.5, -1.0])
+    out, lse = fa4.flash_attn_func(q, k, v, causal=True, learnable_sink=sink,
+                                   return_lse=True)
+    scores = 8 ** -0.5 * (_bhld(q) @ np.swapaxes(_bhld(k), -1, -2))
+    visible = np.arange(5)[None, :] <= np.arange(3)[:, None] + 2
+    masked = np.where(visible, scores, -np.inf)
+    want = _softmax_reference(masked, _bhld(v), sink=sink)
+    np.testing.assert_allclose(out, _bhld(want), rtol=0, atol=1e-13)
+    # The LSE counts the sink: log(sum_j exp(s_ij) + exp(sink_h)).
+    want_lse = np.log(np.exp(masked).sum(-1) + np.exp(sink)[None, :, None])
+    np.testing.assert_allclose(lse, want_lse, rtol=0, atol=1e-13)

@@ -39,6 +39,7 @@ def flash_attn_func(
     rng: Any = None,
     lse_convention: str = "fa2",
     xp: Any = None,
+    _variants: dict[str, Any] | None = None,
 ) -> Any:
     """``flash_attn.flash_attn_func``, computed in float64.
 
@@ -135,7 +136,13 @@ def flash_attn_func(
     >>> lse.dtype, probs.shape
     (dtype('float64'), (2, 4, 3, 5))
     """
-    xp, _ = infer_namespace({"q": q, "k": k, "v": v, "alibi_slopes": alibi_slopes},
+    # flash-attn 3's qv and attention_chunk and flash-attn 4's learnable sinks, handed
+    # over by refattn.compat.flash_attn_interface / flash_attn_cute as refattn.attention's
+    # qv=, attention_chunk= and sinks= (not part of flash-attn 2's signature).
+    variants = dict(_variants or {})
+    qv = variants.get("qv")
+    xp, _ = infer_namespace({"q": q, "k": k, "v": v, "alibi_slopes": alibi_slopes, "qv": qv,
+                             "sinks": variants.get("sinks")},
                             {"dropout_mask": dropout_mask}, xp=xp,
                             required=("q", "k", "v"))
     _check_convention(lse_convention)
@@ -152,13 +159,16 @@ def flash_attn_func(
     fw = flash_window(window_size, causal, seqlen_q=L, seqlen_k=S,
                       has_alibi=alibi_slopes is not None,
                       version=3 if lse_convention == "fa3" else 2)
-    dtype, (qc, kc, vc) = _compute_inputs(xp, {"q": q, "k": k, "v": v})
+    named = {"q": q, "k": k, "v": v} if qv is None else {"q": q, "k": k, "v": v, "qv": qv}
+    dtype, (qc, kc, vc, *qvc) = _compute_inputs(xp, named)
+    if qvc:
+        variants["qv"] = qvc[0]
     res = attention(
         qc, kc, vc, window=fw.window, alignment="bottom_right", scale=softmax_scale,
         softcap=cap, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
         dropout_mask=dropout_mask, rng=rng, masked_rows="zero", layout="BLHD",
         return_lse=return_attn_probs, return_weights=return_attn_probs,
-        return_dropout_mask=return_attn_probs, xp=xp,
+        return_dropout_mask=return_attn_probs, xp=xp, **variants,
     )
     if not return_attn_probs:
         return xp.astype(res, dtype)
