@@ -15,11 +15,13 @@ from __future__ import annotations
 from typing import Any
 
 from .._types import MASKED_ROW_POLICIES
+from ._scores import constant
 
 __all__ = ["MASKED_ROW_POLICIES", "masked_softmax"]
 
 
-def masked_softmax(scores: Any, *, masked_rows: str, xp: Any) -> tuple[Any, Any]:
+def masked_softmax(scores: Any, *, masked_rows: str, xp: Any, need_lse: bool = True,
+                   owned: bool = False) -> tuple[Any, Any]:
     """Softmax over the last axis and the natural-log LSE per row.
 
     Parameters
@@ -30,6 +32,11 @@ def masked_softmax(scores: Any, *, masked_rows: str, xp: Any) -> tuple[Any, Any]
         Policy for rows whose scores are all -inf, one of ``MASKED_ROW_POLICIES``.
     xp
         Array namespace.
+    need_lse
+        False: the LSE is not formed (None is returned in its place).
+    owned
+        The caller gives ``scores`` up: the shift is subtracted in place (the same
+        differences, one score-sized allocation fewer).
 
     Returns
     -------
@@ -37,27 +44,31 @@ def masked_softmax(scores: Any, *, masked_rows: str, xp: Any) -> tuple[Any, Any]
         (..., L, S) and (..., L); the LSE of a fully masked row is -inf whatever the
         policy.
     """
-    dtype = scores.dtype
-    device = scores.device
-    neg_inf = xp.asarray(-xp.inf, dtype=dtype, device=device)
     if scores.shape[-1] == 0:
         # No keys at all: every row is "fully masked"; there is nothing to weigh.
-        lse = xp.full(scores.shape[:-1], -xp.inf, dtype=dtype, device=device)
+        lse = xp.full(scores.shape[:-1], -xp.inf, dtype=scores.dtype, device=scores.device)
         return scores, lse
-    zero = xp.asarray(0.0, dtype=dtype, device=device)
-    one = xp.asarray(1.0, dtype=dtype, device=device)
     row_max = xp.max(scores, axis=-1, keepdims=True)
-    row_masked = row_max == neg_inf
+    row_masked = row_max == -xp.inf
     # Subtracting 0 instead of -inf on masked rows keeps exp() at exp(-inf) = 0.
-    shift = xp.where(row_masked, zero, row_max)
-    exps = xp.exp(scores - shift)
+    shift = xp.where(row_masked, constant(0.0, scores, xp=xp), row_max)
+    if owned:
+        scores -= shift
+        exps = xp.exp(scores)
+    else:
+        exps = xp.exp(scores - shift)
     total = xp.sum(exps, axis=-1, keepdims=True)
-    safe_total = xp.where(row_masked, one, total)
-    weights = exps / safe_total
-    lse = xp.where(row_masked, neg_inf, xp.log(safe_total) + shift)[..., 0]
+    # A row's largest term is exp(0) = 1, so only a fully masked row sums to less.
+    safe_total = xp.where(row_masked, constant(1.0, scores, xp=xp), total)
+    exps /= safe_total  # exps is this function's own array: divided in place
+    weights = exps
+    lse = None
+    if need_lse:
+        lse = xp.where(row_masked, constant(-xp.inf, scores, xp=xp),
+                       xp.log(safe_total) + shift)[..., 0]
     if masked_rows == "nan":
-        weights = xp.where(row_masked, xp.asarray(xp.nan, dtype=dtype, device=device), weights)
+        weights = xp.where(row_masked, constant(xp.nan, scores, xp=xp), weights)
     elif masked_rows == "uniform":
-        uniform = xp.asarray(1.0 / scores.shape[-1], dtype=dtype, device=device)
-        weights = xp.where(row_masked, uniform, weights)
+        weights = xp.where(row_masked, constant(1.0 / scores.shape[-1], scores, xp=xp),
+                           weights)
     return weights, lse
