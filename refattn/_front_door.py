@@ -202,6 +202,7 @@ def _array_api_forward(problem: AttentionProblem, return_weights: bool,
                                      num_threads=num_threads)
     _check_materialised_memory(problem, arrays=2, what="implementation='direct'",
                               instead=_USE_BLOCKED)
+    _threads.settle_allocator(problem.xp)
     return direct_attention(problem, need_lse=return_lse)
 
 
@@ -450,6 +451,7 @@ def _array_api_backward(problem: AttentionProblem, dout: Array, out: Array | Non
     # The weights and dS at least (dP is formed from them).
     _check_materialised_memory(problem, arrays=2, what="implementation='direct'",
                               instead=_USE_BLOCKED)
+    _threads.settle_allocator(problem.xp)
     return direct_backward(problem, dout, out=out, lse=lse)
 
 
@@ -590,7 +592,9 @@ def attention_backward(
     lse_c = None
     if lse is not None:
         _check_saved_lse(lse, problem.shapes.user_scores[:-1])
-        lse_c = xp.astype(lse, problem.compute_dtype)
+        # Read only (weights_from_lse): a saved LSE in the compute dtype is used as it is.
+        lse_c = lse if lse.dtype == problem.compute_dtype else xp.astype(
+            lse, problem.compute_dtype)
         if problem.shapes.ndim == 2:
             lse_c = xp.reshape(lse_c, (1, *lse_c.shape))
     dout = problem.to_compute_form(grad_out)

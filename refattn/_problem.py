@@ -116,12 +116,16 @@ class AttentionProblem:
                                       SHAPE_LEGEND)
         return modded if self.mask is None else self.xp.logical_and(self.mask, modded)
 
-    @functools.cached_property
+    @property
     def bias_with_alibi(self) -> Array | None:
         """The user's bias with ALiBi added (both additive, after softcap), built on
         demand so that the blocked path never materialises the (..., H, L, S) ALiBi."""
         if self.alibi_slopes is None:
-            return self.bias
+            return self.bias  # without the cached property's lock, on every call
+        return self._bias_and_alibi
+
+    @functools.cached_property
+    def _bias_and_alibi(self) -> Array:
         alibi = alibi_bias(self.alibi_slopes, self.shapes.L, self.shapes.S, shift=self.shift,
                            xp=self.xp)
         return alibi if self.bias is None else self.bias + alibi
@@ -131,7 +135,8 @@ class AttentionProblem:
         """Every mask at once: ``combined_mask`` AND the window, materialised at (L, S)
         when there is a window (the direct and compensated paths' single mask)."""
         if self.window is None:
-            return self.combined_mask
+            # Without a mask_mod, the mask itself (skipping the cached property's lock).
+            return self.mask if self.mask_mod is None else self.combined_mask
         band = self.window.mask(self.shapes.L, self.shapes.S, shift=self.shift, xp=self.xp,
                                 device=self.device)
         mask = self.combined_mask
@@ -142,7 +147,8 @@ class AttentionProblem:
         xp = self.xp
         if self.layout == "BLHD":
             x = swap_head_axis(x, xp)
-        return to_rank3(xp.astype(x, self.compute_dtype), xp)
+        # No path writes into grad_out or a saved output: a float64 one is used as it is.
+        return to_rank3(_as_dtype(x, self.compute_dtype, xp), xp)
 
     def to_user_form(self, x: Array, *, swap: bool) -> Array:
         """A result back to the user's rank, layout (``swap``: axes -3/-2) and dtype."""

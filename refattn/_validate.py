@@ -127,6 +127,8 @@ def check_one_dtype(named: Mapping[str, Any]) -> Any:
     """
     given = {name: x for name, x in named.items() if x is not None}
     dtypes = [x.dtype for x in given.values()]
+    if len(dtypes) == 3 and dtypes[0] == dtypes[1] == dtypes[2]:
+        return dtypes[0]  # the common case (q, k, v of one dtype), without the generic test
     if any(d != dtypes[0] for d in dtypes[1:]):
         names = list(given)
         listed = f"{', '.join(names[:-1])} and {names[-1]}"

@@ -22,7 +22,8 @@ _CONSTANTS: dict[tuple[Any, ...], Any] = {}
 
 def constant(value: float, like: Any, *, xp: Any) -> Any:
     """A 0-d array holding ``value`` in the dtype and on the device of ``like``."""
-    key = (xp, repr(value), like.dtype, like.device)
+    # NaN != NaN: keyed by a name, so that every NaN finds the same entry.
+    key = (xp, value if value == value else "nan", like.dtype, like.device)
     try:
         return _CONSTANTS[key]
     except KeyError:
