@@ -17,7 +17,7 @@ backward
     and a plain NumPy backward given the same saved LSE and output.
 
 All candidates of a shape are timed in the same run, interleaved: every round times
-each of them once (a batch of calls sized to about 2 ms, the order rotated from round to
+each of them once (a batch of calls sized to about 1 ms, the order rotated from round to
 round), and the per-call time is the median over the rounds, so that a change of machine
 load hits all of them alike. The ratios printed are those the targets in
 docs/performance.rst are stated in: refattn over torch's math path, refattn over plain
@@ -48,7 +48,7 @@ SHAPES = [(1, 1, 1, 1, 1), (1, 2, 8, 8, 4), (2, 4, 16, 16, 8), (2, 4, 32, 32, 16
           (4, 8, 64, 64, 32), (2, 8, 128, 128, 64), (2, 8, 256, 256, 64)]
 #: Seconds one timed batch of calls should take: long against the timer's resolution
 #: and the loop, short against the machine's load changes.
-BATCH_SECONDS = 2e-3
+BATCH_SECONDS = 1e-3
 
 
 def _batch_size(fn: Callable[[], object]) -> int:
@@ -61,7 +61,13 @@ def _batch_size(fn: Callable[[], object]) -> int:
 
 
 def median_per_call(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
-    """Median seconds per call of each function, interleaved over ``rounds`` rounds."""
+    """Median seconds per call of each function, interleaved over ``rounds`` rounds.
+
+    Also, under ``"a/b"`` keys, the median over the rounds of each round's ratio of a's
+    time to b's: the candidates of one round run within milliseconds of each other, so
+    a burst of load from other work, which can last many rounds on a shared machine,
+    moves both sides of a round's ratio alike.
+    """
     sizes = {name: _batch_size(fn) for name, fn in fns.items()}
     names = list(fns)
     samples: dict[str, list[float]] = {name: [] for name in names}
@@ -73,7 +79,13 @@ def median_per_call(fns: dict[str, Callable[[], object]], rounds: int) -> dict[s
             for _ in range(n):
                 fn()
             samples[name].append((time.perf_counter() - t0) / n)
-    return {name: statistics.median(ts) for name, ts in samples.items()}
+    result = {name: statistics.median(ts) for name, ts in samples.items()}
+    for a in names:
+        for b in names:
+            if a != b:
+                result[f"{a}/{b}"] = statistics.median(
+                    x / y for x, y in zip(samples[a], samples[b], strict=True))
+    return result
 
 
 def numpy_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray,
@@ -190,22 +202,22 @@ def _shape(shape: tuple[int, ...]) -> str:
 
 def _targets_forward(shape: tuple[int, ...], t: dict[str, float]) -> list[str]:
     missed = []
-    if t["attention"] > t["math"] or t["sdpa"] > t["math"]:
+    if t["attention/math"] > 1 or t["sdpa/math"] > 1:
         missed.append("refattn > math")
-    if shape[2] >= 64 and t["attention"] > 1.1 * t["numpy"]:
+    if shape[2] >= 64 and t["attention/numpy"] > 1.1:
         missed.append("attention > 1.1 numpy")
-    if shape == (1, 1, 1, 1, 1) and t["attention"] > 2 * t["numpy"]:
+    if shape == (1, 1, 1, 1, 1) and t["attention/numpy"] > 2:
         missed.append("attention > 2 numpy")
-    if t["sdpa"] > 1.1 * t["attention"]:
+    if t["sdpa/attention"] > 1.1:
         missed.append("sdpa > 1.1 attention")
     return missed
 
 
 def _targets_backward(shape: tuple[int, ...], t: dict[str, float]) -> list[str]:
     missed = []
-    if t["attention"] > t["math"]:
+    if t["attention/math"] > 1:
         missed.append("refattn > math")
-    if shape[2] >= 64 and t["attention"] > 1.1 * t["numpy"]:
+    if shape[2] >= 64 and t["attention/numpy"] > 1.1:
         missed.append("refattn > 1.1 numpy")
     return missed
 
@@ -257,8 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         missed_any |= bool(missed)
         print(f"{_shape(shape):>16}  {_us(t['sdpa']):>7}  {_us(t['attention']):>7}  "
               f"{_us(t['torch']):>7}  {_us(t['math']):>7}  {_us(t['numpy']):>7}  "
-              f"{t['attention'] / t['math']:>8.2f}  {t['attention'] / t['numpy']:>6.2f}  "
-              f"{t['sdpa'] / t['attention']:>9.2f}  {', '.join(missed) or '-'}", flush=True)
+              f"{t['attention/math']:>8.2f}  {t['attention/numpy']:>6.2f}  "
+              f"{t['sdpa/attention']:>9.2f}  {', '.join(missed) or '-'}", flush=True)
     if not args.no_backward:
         print()
         print("backward (refattn and NumPy given the saved output and LSE; torch: autograd "
@@ -270,8 +282,8 @@ def main(argv: list[str] | None = None) -> int:
             missed = _targets_backward(shape, t)
             missed_any |= bool(missed)
             print(f"{_shape(shape):>16}  {_us(t['attention']):>7}  {_us(t['math']):>7}  "
-                  f"{_us(t['numpy']):>7}  {t['attention'] / t['math']:>8.2f}  "
-                  f"{t['attention'] / t['numpy']:>6.2f}  {', '.join(missed) or '-'}",
+                  f"{_us(t['numpy']):>7}  {t['attention/math']:>8.2f}  "
+                  f"{t['attention/numpy']:>6.2f}  {', '.join(missed) or '-'}",
                   flush=True)
     print()
     print(f"load average at end: {os.getloadavg()[0]:.2f}")
