@@ -127,8 +127,10 @@ def _check_materialised_memory(problem: AttentionProblem, *, arrays: int, what: 
     scores and the weights, for the direct forward), so a refusal is certain to be
     right; ``what`` names the choice that materialises them and ``instead`` what to do.
     """
-    one = math.prod(problem.shapes.scores) * (
-        problem.xp.finfo(problem.compute_dtype).bits // 8)
+    elements = math.prod(problem.shapes.scores)
+    if elements * 8 * arrays < _MEMORY_CHECK_BYTES:
+        return  # no compute dtype is wider than 8 bytes: small enough whatever it is
+    one = elements * (problem.xp.finfo(problem.compute_dtype).bits // 8)
     need = one * arrays
     if need < _MEMORY_CHECK_BYTES or not _on_host(problem):
         return
@@ -180,7 +182,8 @@ _USE_BLOCKED = ("use implementation='blocked' (or None), whose memory grows with
                 "block, not with L x S")
 
 
-def _array_api_forward(problem: AttentionProblem, return_weights: bool) -> AttentionResult:
+def _array_api_forward(problem: AttentionProblem, return_weights: bool,
+                       return_lse: bool) -> AttentionResult:
     # The xp path: compensated arithmetic, the blocked online softmax or the direct one.
     if problem.precision == "compensated":
         # Double-float scores: a high and a low part, and the weights' two parts.
@@ -199,7 +202,8 @@ def _array_api_forward(problem: AttentionProblem, return_weights: bool) -> Atten
                                      num_threads=num_threads)
     _check_materialised_memory(problem, arrays=2, what="implementation='direct'",
                               instead=_USE_BLOCKED)
-    return direct_attention(problem)
+    _threads.settle_allocator(problem.xp)
+    return direct_attention(problem, need_lse=return_lse)
 
 
 def attention(
@@ -397,7 +401,7 @@ def attention(
     if _use_cuda(problem, return_weights=return_weights):
         res = _cuda_path(problem, lambda cuda: cuda.forward(problem, need_lse=return_lse))
     if res is None:
-        res = _array_api_forward(problem, return_weights)
+        res = _array_api_forward(problem, return_weights, return_lse)
     out = problem.to_user_form(res.out, swap=True)
     if not (return_weights or return_lse or return_dropout_mask):
         return out
@@ -466,6 +470,7 @@ def _array_api_backward(problem: AttentionProblem, dout: Array, out: Array | Non
     # The weights and dS at least (dP is formed from them).
     _check_materialised_memory(problem, arrays=2, what="implementation='direct'",
                               instead=_USE_BLOCKED)
+    _threads.settle_allocator(problem.xp)
     return direct_backward(problem, dout, out=out, lse=lse)
 
 
@@ -614,7 +619,9 @@ def attention_backward(
     lse_c = None
     if lse is not None:
         _check_saved_lse(lse, problem.shapes.user_scores[:-1])
-        lse_c = xp.astype(lse, problem.compute_dtype)
+        # Read only (weights_from_lse): a saved LSE in the compute dtype is used as it is.
+        lse_c = lse if lse.dtype == problem.compute_dtype else xp.astype(
+            lse, problem.compute_dtype)
         if problem.shapes.ndim == 2:
             lse_c = xp.reshape(lse_c, (1, *lse_c.shape))
     dout = problem.to_compute_form(grad_out)

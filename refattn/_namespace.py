@@ -24,7 +24,7 @@ from typing import Any
 
 import array_api_compat
 
-__all__ = ["KNOWN_NAMESPACES", "check_array", "infer_namespace", "library_name",
+__all__ = ["KNOWN_NAMESPACES", "check_array", "dtype_is", "infer_namespace", "library_name",
            "namespace_library", "namespace_module"]
 
 #: The names ``xp=`` accepts in place of a namespace, and the module each one imports.
@@ -145,6 +145,97 @@ def _namespace_of(name: str, x: Any) -> Any:
         ) from None
 
 
+#: ``xp.isdtype(dtype, kind)`` answers, by (namespace, dtype, kind): a call asks about a
+#: handful of dtypes, and the array libraries' isdtype costs a few microseconds each
+#: time (NumPy normalises its arguments, array_api_compat wraps torch's).
+_DTYPE_KINDS: dict[tuple[Any, Any, str], bool] = {}
+
+
+def dtype_is(xp: Any, dtype: Any, kind: str) -> bool:
+    """``xp.isdtype(dtype, kind)``, remembered per (namespace, dtype, kind).
+
+    Examples
+    --------
+    >>> import array_api_compat.numpy as xp
+    >>> dtype_is(xp, xp.float32, "real floating"), dtype_is(xp, xp.int8, "bool")
+    (True, False)
+    """
+    key = (xp, dtype, kind)
+    try:
+        return _DTYPE_KINDS[key]
+    except KeyError:
+        answer = bool(xp.isdtype(dtype, kind))
+        if len(_DTYPE_KINDS) < 4096:  # bounded whatever dtypes a process sees
+            _DTYPE_KINDS[key] = answer
+        return answer
+    except TypeError:  # a dtype that cannot be hashed is asked every time
+        return bool(xp.isdtype(dtype, kind))
+
+
+def _plain_namespace(kind: type) -> Any:
+    # array_api_compat's namespace for exact numpy.ndarray / torch.Tensor inputs: what
+    # array_namespace returns for them, looked up once.
+    return array_api_compat.array_namespace(
+        sys.modules["numpy"].empty(0) if kind.__module__ == "numpy"
+        else sys.modules["torch"].empty(0))
+
+
+_PLAIN_NAMESPACES: dict[type, Any] = {}
+
+
+def _common_case(floating: Mapping[str, Any], others: Mapping[str, Any] | None, xp: Any,
+                 required: Iterable[str]) -> tuple[Any, Any] | None:
+    """``(xp, device)`` when the call is the common, valid case; None otherwise.
+
+    The common case: every given array is exactly a ``numpy.ndarray``, or exactly a
+    ``torch.Tensor`` (not on the meta device, all on one device), the required ones are
+    there, the floating ones hold real floating data and ``xp`` is None or names that
+    library plainly. Such a call passes every check of the general path, which costs
+    tens of microseconds (array_api_compat's inference per argument, isdtype per dtype);
+    anything else, an error above all, goes through the general path and its messages.
+    Subclasses (numpy.matrix, masked arrays, torch Parameters) are not the common case.
+    """
+    for name in required:
+        if floating.get(name, None) is None and (others is None or others.get(name) is None):
+            return None
+    arrays = [x for x in floating.values() if x is not None]
+    if others:
+        arrays += [x for x in others.values() if x is not None]
+    if not arrays:
+        return None
+    kind = type(arrays[0])
+    np_mod = sys.modules.get("numpy")
+    torch_mod = sys.modules.get("torch")
+    if np_mod is not None and kind is np_mod.ndarray:
+        device: Any = "cpu"
+        library = "numpy"
+    elif torch_mod is not None and kind is torch_mod.Tensor:
+        device = arrays[0].device
+        if device.type == "meta":
+            return None
+        library = "torch"
+    else:
+        return None
+    for x in arrays:
+        if type(x) is not kind:
+            return None
+    if library == "torch":
+        for x in arrays:
+            if x.device != device:
+                return None
+    space = _PLAIN_NAMESPACES.get(kind)
+    if space is None:
+        space = _PLAIN_NAMESPACES[kind] = _plain_namespace(kind)
+    if xp is not None and not (
+            xp is space or (isinstance(xp, str) and xp == library)
+            or xp is (np_mod if library == "numpy" else torch_mod)):
+        return None
+    for x in floating.values():
+        if x is not None and not dtype_is(space, x.dtype, "real floating"):
+            return None
+    return space, device
+
+
 def infer_namespace(
     floating: Mapping[str, Any],
     others: Mapping[str, Any] | None = None,
@@ -176,6 +267,9 @@ def infer_namespace(
     ValueError
         On an ``xp`` name that is not one of ``KNOWN_NAMESPACES``.
     """
+    common = _common_case(floating, others, xp, required)
+    if common is not None:
+        return common
     everything = {**floating, **(others or {})}
     for name in required:
         check_array(name, everything[name])
@@ -207,7 +301,7 @@ def infer_namespace(
     for name, x in floating.items():
         if x is None:
             continue
-        if not xp.isdtype(x.dtype, "real floating"):
+        if not dtype_is(xp, x.dtype, "real floating"):
             raise TypeError(
                 f"{name} must have a real floating dtype (float16, bfloat16, float32 or "
                 f"float64); got {x.dtype}"

@@ -25,7 +25,7 @@ from ._agnostic._masks import alibi_bias, evaluate_mask_mod, index_grids
 from ._agnostic._scores import ScoreMods
 from ._arrays import swap_head_axis
 from ._dropout import resolve_keep
-from ._namespace import infer_namespace
+from ._namespace import dtype_is, infer_namespace
 from ._types import (
     IMPLEMENTATIONS,
     LAYOUTS,
@@ -129,12 +129,16 @@ class AttentionProblem:
                                       SHAPE_LEGEND)
         return modded if self.mask is None else self.xp.logical_and(self.mask, modded)
 
-    @functools.cached_property
+    @property
     def bias_with_alibi(self) -> Array | None:
         """The user's bias with ALiBi added (both additive, after softcap), built on
         demand so that the blocked path never materialises the (..., H, L, S) ALiBi."""
         if self.alibi_slopes is None:
-            return self.bias
+            return self.bias  # without the cached property's lock, on every call
+        return self._bias_and_alibi
+
+    @functools.cached_property
+    def _bias_and_alibi(self) -> Array:
         alibi = alibi_bias(self.alibi_slopes, self.shapes.L, self.shapes.S, shift=self.shift,
                            xp=self.xp)
         return alibi if self.bias is None else self.bias + alibi
@@ -144,6 +148,9 @@ class AttentionProblem:
         """Every mask at once: ``combined_mask`` AND the window AND the chunks,
         materialised at (L, S) when there is a window or a chunk length (the direct and
         compensated paths' single mask)."""
+        if self.window is None and self.attention_chunk is None:
+            # Without a mask_mod, the mask itself (skipping the cached property's lock).
+            return self.mask if self.mask_mod is None else self.combined_mask
         mask = self.combined_mask
         if self.window is not None:
             band = self.window.mask(self.shapes.L, self.shapes.S, shift=self.shift,
@@ -160,7 +167,8 @@ class AttentionProblem:
         xp = self.xp
         if self.layout == "BLHD":
             x = swap_head_axis(x, xp)
-        return to_rank3(xp.astype(x, self.compute_dtype), xp)
+        # No path writes into grad_out or a saved output: a float64 one is used as it is.
+        return to_rank3(_as_dtype(x, self.compute_dtype, xp), xp)
 
     def to_user_form(self, x: Array, *, swap: bool) -> Array:
         """A result back to the user's rank, layout (``swap``: axes -3/-2) and dtype."""
@@ -169,12 +177,22 @@ class AttentionProblem:
             x = x[0, ...]
         if swap and self.layout == "BLHD":
             x = swap_head_axis(x, xp)
-        return xp.astype(x, self.in_dtype, copy=False)
+        return _as_dtype(x, self.in_dtype, xp)
 
 
 def to_rank3(x: Array, xp: Namespace) -> Array:
     """A 2-D input has no head axis: give it one of size 1 so every path sees (..., H, L, D)."""
     return xp.reshape(x, (1, *x.shape)) if x.ndim == 2 else x
+
+
+#: The ScoreMods of a problem without softcap or score_mod (frozen, so one serves all).
+_NO_MODS = ScoreMods()
+
+
+def _as_dtype(x: Array, dtype: Any, xp: Namespace) -> Array:
+    # astype(copy=False) returns x itself when the dtype is already the one asked for;
+    # testing first skips the namespace's wrapper (a few microseconds a call).
+    return x if x.dtype == dtype else xp.astype(x, dtype, copy=False)
 
 
 def _compute_dtype(compute_dtype: Any, xp: Namespace) -> Any:
@@ -207,7 +225,7 @@ def _check_choices(layout: Any, masked_rows: Any, precision: Any, implementation
 def _check_mask_and_bias(mask: Any, bias: Any, scores_shape: tuple[int, ...],
                          xp: Namespace) -> None:
     if mask is not None:
-        if not xp.isdtype(mask.dtype, "bool"):
+        if not dtype_is(xp, mask.dtype, "bool"):
             raise TypeError(
                 f"mask must be a boolean array (True = take part); got dtype {mask.dtype}. "
                 "Pass additive float masks as bias="
@@ -229,6 +247,8 @@ def _check_alibi(alibi_slopes: Any, shapes: _validate.AttentionShapes) -> None:
 def _check_precision(precision: str, implementation: str | None, compute_dtype: Any,
                      cdtype: Any, softcap: float | None, score_mod: Any,
                      xp: Namespace) -> None:
+    if precision != "compensated":
+        return  # both refusals below are about compensated arithmetic
     nonadditive = [name for name, value in (("softcap", softcap), ("score_mod", score_mod))
                    if value is not None]
     if nonadditive and precision == "compensated":
@@ -334,17 +354,19 @@ def build_problem(
                      score_mod, xp)
     # copy=False: no path writes into its inputs, and copying float64 inputs to float64
     # cost the blocked path a fifth of its time at B=4, H=16, L=S=256 (fresh pages).
-    qc, kc, vc = (to_rank3(xp.astype(x, cdtype, copy=False), xp) for x in (q, k, v))
+    qc, kc, vc = (to_rank3(_as_dtype(x, cdtype, xp), xp) for x in (q, k, v))
     grids = None
     if score_mod is not None or mask_mod is not None:
         grids = index_grids(shapes.batch, shapes.H, shapes.L, shapes.S, xp=xp, device=device)
+    mods = _NO_MODS if softcap_value is None and grids is None else ScoreMods(
+        softcap=softcap_value, score_mod=score_mod, grids=grids)
     return AttentionProblem(
         xp=xp, device=device, shapes=shapes, q=qc, k=kc, v=vc, mask=mask, mask_mod=mask_mod,
-        bias=None if bias is None else xp.astype(bias, cdtype, copy=False),
+        bias=None if bias is None else _as_dtype(bias, cdtype, xp),
         alibi_slopes=None if alibi_slopes is None else xp.astype(alibi_slopes, cdtype),
         window=Window.merge(causal=causal, window=window_value), alignment=alignment,
         shift=alignment_shift(shapes.L, shapes.S, alignment),
-        mods=ScoreMods(softcap=softcap_value, score_mod=score_mod, grids=grids),
+        mods=mods,
         keep=keep, scale=scale_value, dropout_p=p, masked_rows=masked_rows, layout=layout,
         in_dtype=q.dtype, compute_dtype=cdtype, precision=precision,
         implementation=implementation,

@@ -127,6 +127,8 @@ def check_one_dtype(named: Mapping[str, Any]) -> Any:
     """
     given = {name: x for name, x in named.items() if x is not None}
     dtypes = [x.dtype for x in given.values()]
+    if len(dtypes) == 3 and dtypes[0] == dtypes[1] == dtypes[2]:
+        return dtypes[0]  # the common case (q, k, v of one dtype), without the generic test
     if any(d != dtypes[0] for d in dtypes[1:]):
         names = list(given)
         listed = f"{', '.join(names[:-1])} and {names[-1]}"
@@ -169,8 +171,11 @@ def check_qkv(q: Any, k: Any, v: Any, *, layout: str = "BHLD") -> AttentionShape
                 f"H={H} heads, {name} has {n} (shapes q {_shown(q, layout)}, "
                 f"{name} {_shown(k if name == 'k' else v, layout)})"
             )
+    lead = tuple(q.shape[:-3])
     try:
-        batch = broadcast_shapes(*(tuple(x.shape[:-3]) for x in (q, k, v)))
+        # The common case (one batch shape for all three) needs no broadcasting rules.
+        batch = lead if lead == tuple(k.shape[:-3]) == tuple(v.shape[:-3]) else (
+            broadcast_shapes(lead, tuple(k.shape[:-3]), tuple(v.shape[:-3])))
     except ValueError:
         raise ValueError(
             "the leading (batch) dims of q, k and v must broadcast; got shapes "
@@ -196,6 +201,8 @@ def check_broadcastable(name: str, x: Any, target: tuple[int, ...], legend: str)
 
 def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
     """Raise ValueError unless ``value`` is one of ``choices``."""
+    if (value is None or type(value) is str) and value in choices:
+        return  # the common case, without the general test's generator
     if not any(value is c or (isinstance(value, str) and value == c) for c in choices):
         shown = ", ".join(repr(c) for c in choices)
         raise ValueError(f"{name} must be one of {shown}; got {value!r}")
@@ -207,6 +214,8 @@ def check_alignment(alignment: Any) -> None:
 
 
 def _real_number(name: str, value: Any) -> float:
+    if type(value) is float or type(value) is int:
+        return float(value)  # the common case: no isinstance test against the ABC
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number; got {type(value).__name__} {value!r}")
     return float(value)

@@ -22,7 +22,7 @@ from .._arrays import sum_to_shape
 from .._results import AttentionGrads
 from .._types import Array, Namespace
 from ._direct import apply_dropout, group_size, raw_scores, repeat_heads
-from ._scores import final_scores, score_slopes
+from ._scores import constant, final_scores, score_slopes
 from ._softmax import masked_softmax, sinks_grad
 
 if TYPE_CHECKING:
@@ -46,16 +46,16 @@ def sum_groups(x: Array, heads: int, *, xp: Namespace) -> Array:
 def _apply_row_policy(weights: Array, row_masked: Array, masked_rows: str, *,
                       xp: Namespace) -> Array:
     # The same conventions as masked_softmax, for weights rebuilt from a given LSE.
-    dtype, device = weights.dtype, weights.device
     if masked_rows == "nan":
-        return xp.where(row_masked, xp.asarray(xp.nan, dtype=dtype, device=device), weights)
+        return xp.where(row_masked, constant(xp.nan, weights, xp=xp), weights)
     if masked_rows == "uniform":
-        uniform = xp.asarray(1.0 / weights.shape[-1], dtype=dtype, device=device)
-        return xp.where(row_masked, uniform, weights)
+        return xp.where(row_masked, constant(1.0 / weights.shape[-1], weights, xp=xp),
+                        weights)
     return weights
 
 
-def weights_from_lse(scores: Array, lse: Array, *, masked_rows: str, xp: Namespace) -> Array:
+def weights_from_lse(scores: Array, lse: Array, *, masked_rows: str, xp: Namespace,
+                     owned: bool = False) -> Array:
     """Softmax weights ``exp(scores - lse)``; fully masked rows (lse = -inf) by policy.
 
     Parameters
@@ -66,13 +66,20 @@ def weights_from_lse(scores: Array, lse: Array, *, masked_rows: str, xp: Namespa
         (..., L) log-sum-exp per row, broadcastable against ``scores[..., 0]``.
     masked_rows
         "zero", "nan" or "uniform" (see ``masked_softmax``).
+    owned
+        The caller gives ``scores`` up: the LSE is subtracted in place (the same
+        differences, one score-sized allocation fewer).
     """
     if scores.shape[-1] == 0:
         return scores
-    zero = xp.asarray(0.0, dtype=scores.dtype, device=scores.device)
     row_masked = (lse == -xp.inf)[..., None]
     # exp(-inf - -inf) would be NaN; shifting masked rows by 0 gives exp(-inf) = 0 instead.
-    weights = xp.exp(scores - xp.where(row_masked, zero, lse[..., None]))
+    shift = xp.where(row_masked, constant(0.0, scores, xp=xp), lse[..., None])
+    if owned:
+        scores -= shift
+        weights = xp.exp(scores)
+    else:
+        weights = xp.exp(scores - shift)
     return _apply_row_policy(weights, row_masked, masked_rows, xp=xp)
 
 
@@ -100,24 +107,35 @@ def direct_backward(problem: AttentionProblem, grad_out: Array, *, out: Array | 
         ALiBi folded in (None without a bias). softcap and score_mod enter through the
         chain rule: dS is multiplied by their slopes (d bias takes the score_mod's, dQ
         and dK both).
+
+    The score-sized arrays made here (the scores, dP) are written in place where the
+    formula allows, the same arithmetic without an allocation per step; the masked-row
+    policy's pass runs only when a row is fully masked, the dO non-finite pass only when
+    dO holds a NaN or an infinity.
     """
     q, k, v, xp = problem.q, problem.k, problem.v, problem.xp
     scale, bias, mods = problem.scale, problem.bias_with_alibi, problem.mods
     keep, dropout_p, masked_rows = problem.keep, problem.dropout_p, problem.masked_rows
-    dtype, device = q.dtype, q.device
-    zero = xp.asarray(0.0, dtype=dtype, device=device)
     H = q.shape[-3]
     kr = repeat_heads(k, group_size(H, k.shape[-3]), xp=xp)
     vr = repeat_heads(v, group_size(H, v.shape[-3]), xp=xp)
+    # The forward's scores (``raw_scores``: scale q k^T, plus scale qv v^T with qv), and
+    # q scaled once for dK as (dS^T) (scale Q), so that dK overflows no earlier than the
+    # scores do.
     scaled = raw_scores(problem, kr, vr)
+    q_scaled = q * scale
+    # Without softcap or score_mod the scaled scores are not read again (score_slopes
+    # needs them otherwise), so the score pipeline may write into them.
+    plain = not mods.active
     # Built exactly as the forward builds them, so the weights recomputed here are the
     # forward's weights, NaN propagation included.
-    scores = final_scores(scaled, bias=bias, allowed=problem.visible, mods=mods, xp=xp)
+    scores = final_scores(scaled, bias=bias, allowed=problem.visible, mods=mods, xp=xp,
+                          owned=plain)
     if lse is None:
         weights, lse = masked_softmax(scores, masked_rows=masked_rows, xp=xp,
-                                      sinks=problem.sinks)
+                                      sinks=problem.sinks, owned=plain)
     else:
-        weights = weights_from_lse(scores, lse, masked_rows=masked_rows, xp=xp)
+        weights = weights_from_lse(scores, lse, masked_rows=masked_rows, xp=xp, owned=plain)
     row_masked = (lse == -xp.inf)[..., None]
 
     all_dropped = keep is not None and dropout_p >= 1.0
@@ -126,6 +144,7 @@ def direct_backward(problem: AttentionProblem, grad_out: Array, *, out: Array | 
         out = dropped @ vr
 
     dv = xp.matrix_transpose(dropped) @ grad_out
+    # dP is made here (a product, or apply_dropout's new array): this call's own.
     d_weights = apply_dropout(grad_out @ xp.matrix_transpose(vr), keep, dropout_p, xp=xp)
     # rowsum(P * dP) = sum_j P_j keep_j/(1-p) (dO . v_j) = dO . O: dropout needs no
     # separate term, and a fused kernel needs only its saved output.
@@ -137,32 +156,35 @@ def direct_backward(problem: AttentionProblem, grad_out: Array, *, out: Array | 
         # (..., L, S) product formed; the rows with a finite dO keep dO . O.
         torch_d = xp.sum(weights * d_weights, axis=-1, keepdims=True)
         D = xp.where(xp.all(xp.isfinite(grad_out), axis=-1, keepdims=True), D, torch_d)
-    d_scores = weights * (d_weights - D)
+    # dS = P * (dP - D), formed in dP's array (the same two roundings per entry).
+    d_weights -= D
+    d_weights *= weights
+    d_scores = d_weights
     if all_dropped:
         # dropout_p = 1 makes the output identically zero, whatever the inputs (even
         # NaN rows under the "nan" policy), so nothing flows back.
         d_scores = xp.zeros_like(d_scores)
-    elif masked_rows != "nan":
+    elif masked_rows != "nan" and bool(xp.any(row_masked)):
         # "zero" and "uniform" rows are constants of q, k and bias; "nan" rows keep the
         # plain softmax's NaN gradient.
-        d_scores = xp.where(row_masked, zero, d_scores)
+        d_scores = xp.where(row_masked, constant(0.0, d_scores, xp=xp), d_scores)
 
     d_biased = d_raw = d_scores
     if mods is not None and mods.active:
         mod_slope, cap_slope = score_slopes(scaled, bias=bias, mods=mods, xp=xp)
         # Masked entries have d_scores = 0 exactly; a slope that is not finite there (a
         # mod undefined off the mask) must not turn that 0 into NaN.
-        d_biased = xp.where(d_scores == 0, zero, d_scores * mod_slope)
+        d_biased = xp.where(d_scores == 0, constant(0.0, d_scores, xp=xp),
+                            d_scores * mod_slope)
         d_raw = d_biased * cap_slope
     dsinks = None
     if problem.sinks is not None:
         # D as dS used it; all dropped: the output ignores the sinks as well.
         D_rows = xp.zeros_like(D) if all_dropped else D
         dsinks = sinks_grad(problem.sinks, lse, D_rows[..., 0], xp=xp)
-    dq = (d_raw @ kr) * scale
-    # scale dS^T Q as (dS^T) (scale Q), the forward's order (``scaled_product``), so
-    # that dK overflows no earlier than the scores do.
-    dk = sum_groups(xp.matrix_transpose(d_raw) @ (q * scale), k.shape[-3], xp=xp)
+    dq = d_raw @ kr
+    dq *= scale  # (dS K) scale: the product is this call's own
+    dk = sum_groups(xp.matrix_transpose(d_raw) @ q_scaled, k.shape[-3], xp=xp)
     dqv = None
     if problem.qv is not None:
         # scale qv v^T is one more product of the scores: dqv = scale dS V, and V

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from .._results import AttentionResult
 from .._types import Array, Namespace
-from ._scores import final_scores
+from ._scores import constant, final_scores
 from ._softmax import masked_softmax
 
 if TYPE_CHECKING:
@@ -61,8 +61,7 @@ def apply_dropout(x: Array, keep: Array | None, dropout_p: float, *, xp: Namespa
         return x
     if dropout_p >= 1.0:
         return xp.zeros_like(x)
-    zero = xp.asarray(0.0, dtype=x.dtype, device=x.device)
-    return xp.where(keep, x, zero) * (1.0 / (1.0 - dropout_p))
+    return xp.where(keep, x, constant(0.0, x, xp=xp)) * (1.0 / (1.0 - dropout_p))
 
 
 def raw_scores(problem: AttentionProblem, k: Array, v: Array) -> Array:
@@ -73,25 +72,33 @@ def raw_scores(problem: AttentionProblem, k: Array, v: Array) -> Array:
     return scaled
 
 
-def direct_attention(problem: AttentionProblem) -> AttentionResult:
+def direct_attention(problem: AttentionProblem, *, need_lse: bool = True) -> AttentionResult:
     """Attention with every intermediate materialised.
 
     Reads q, k, v (K and Kv dividing H), the scale, the bias with ALiBi, every mask
     at once (``problem.visible``), softcap and score_mod (``problem.mods``), the
     keep-mask and the masked-row policy from the problem.
 
+    The plain case costs what a five-line implementation costs: one product, the mask
+    added, the row max subtracted, one ``exp``, one division and the product with V.
+    The score array is made here and written in place from the mask on (the same
+    arithmetic, without an allocation per step); each option adds only its own work.
+
     Returns
     -------
     AttentionResult
-        ``out`` (..., H, L, Ev), ``lse`` (..., H, L) and ``weights`` (..., H, L, S),
-        all in the compute form.
+        ``out`` (..., H, L, Ev), ``lse`` (..., H, L) (None when ``need_lse`` is False)
+        and ``weights`` (..., H, L, S), all in the compute form.
     """
     p, xp = problem, problem.xp
     H = p.q.shape[-3]
     k = repeat_heads(p.k, group_size(H, p.k.shape[-3]), xp=xp)
     v = repeat_heads(p.v, group_size(H, p.v.shape[-3]), xp=xp)
+    # raw_scores' array is new (a product, or a sum of two): final_scores may work in it.
     scores = final_scores(raw_scores(p, k, v), bias=p.bias_with_alibi,
-                          allowed=p.visible, mods=p.mods, xp=xp)
-    weights, lse = masked_softmax(scores, masked_rows=p.masked_rows, xp=xp, sinks=p.sinks)
+                          allowed=p.visible, mods=p.mods, xp=xp, owned=True)
+    # Owned unless a score_mod may have handed back an array of its own.
+    weights, lse = masked_softmax(scores, masked_rows=p.masked_rows, xp=xp, sinks=p.sinks,
+                                  need_lse=need_lse, owned=p.mods.score_mod is None)
     out = apply_dropout(weights, p.keep, p.dropout_p, xp=xp) @ v
     return AttentionResult(out=out, lse=lse, weights=weights)

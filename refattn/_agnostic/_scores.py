@@ -11,8 +11,28 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ScoreMods", "check_score_mod_result", "final_scores", "mod_for_grids",
-           "pre_mask_scores", "score_slopes"]
+__all__ = ["ScoreMods", "check_score_mod_result", "constant", "final_scores",
+           "mod_for_grids", "pre_mask_scores", "score_slopes"]
+
+#: 0-d constants by (namespace, value, dtype, device): the paths need a typed 0, 1, -inf
+#: or NaN for ``where`` on every call, and ``xp.asarray`` costs microseconds each time.
+#: Nothing writes into them (they are only ever read by ``where``).
+_CONSTANTS: dict[tuple[Any, ...], Any] = {}
+
+
+def constant(value: float, like: Any, *, xp: Any) -> Any:
+    """A 0-d array holding ``value`` in the dtype and on the device of ``like``."""
+    # NaN != NaN: keyed by a name, so that every NaN finds the same entry.
+    key = (xp, value if value == value else "nan", like.dtype, like.device)
+    try:
+        return _CONSTANTS[key]
+    except KeyError:
+        made = xp.asarray(value, dtype=like.dtype, device=like.device)
+        if len(_CONSTANTS) < 256:  # bounded whatever dtypes and devices a process sees
+            _CONSTANTS[key] = made
+        return made
+    except TypeError:  # an unhashable dtype or device: made every time
+        return xp.asarray(value, dtype=like.dtype, device=like.device)
 
 
 def mod_for_grids(mod: Callable[..., Any], *, on_block: bool) -> Callable[..., Any]:
@@ -88,19 +108,32 @@ def pre_mask_scores(scaled: Any, *, bias: Any, mods: ScoreMods | None, xp: Any) 
     return s
 
 
+def _fits_in(x: Any, target: Any) -> bool:
+    # x broadcasts to target's shape without growing it: target can take x in place.
+    return x.ndim <= target.ndim and all(
+        a in (1, t) for a, t in zip(tuple(x.shape)[::-1], tuple(target.shape)[::-1],
+                                    strict=False))
+
+
 def final_scores(scaled: Any, *, bias: Any, allowed: Any, mods: ScoreMods | None,
-                 xp: Any) -> Any:
+                 xp: Any, owned: bool = False) -> Any:
     """``pre_mask_scores`` with the mask added as 0 / -inf.
 
     Added, not selected with ``where``, so that a NaN or +inf score at a masked position
-    still poisons its row, exactly as torch's additive masks do.
+    still poisons its row, exactly as torch's additive masks do. ``owned``: the caller
+    gives ``scaled`` up (it was made for this call and is not read again), so the mask is
+    added in place, saving a score-sized allocation; with a score_mod the scores may be
+    the mod's own array, so they are never written into then.
     """
     scores = pre_mask_scores(scaled, bias=bias, mods=mods, xp=xp)
     if allowed is None:
         return scores
-    zero = xp.asarray(0.0, dtype=scores.dtype, device=scores.device)
-    neg_inf = xp.asarray(-xp.inf, dtype=scores.dtype, device=scores.device)
-    return scores + xp.where(allowed, zero, neg_inf)
+    additive = xp.where(allowed, constant(0.0, scores, xp=xp),
+                        constant(-xp.inf, scores, xp=xp))
+    if owned and (mods is None or mods.score_mod is None) and _fits_in(additive, scores):
+        scores += additive  # the same sums as below, into an array of this call's own
+        return scores
+    return scores + additive
 
 
 def score_slopes(scaled: Any, *, bias: Any, mods: ScoreMods, xp: Any) -> tuple[Any, Any]:

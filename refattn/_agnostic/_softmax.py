@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from .._types import MASKED_ROW_POLICIES
+from ._scores import constant
 
 __all__ = ["MASKED_ROW_POLICIES", "join_sinks", "masked_softmax", "sink_column", "sinks_grad"]
 
@@ -24,8 +25,8 @@ def sink_column(sinks: Any) -> Any:
     return sinks[:, None, None]
 
 
-def masked_softmax(scores: Any, *, masked_rows: str, xp: Any,
-                   sinks: Any = None) -> tuple[Any, Any]:
+def masked_softmax(scores: Any, *, masked_rows: str, xp: Any, sinks: Any = None,
+                   need_lse: bool = True, owned: bool = False) -> tuple[Any, Any]:
     """Softmax over the last axis and the natural-log LSE per row.
 
     Parameters
@@ -41,6 +42,11 @@ def masked_softmax(scores: Any, *, masked_rows: str, xp: Any,
         head's rows as one more score with no value, so the weights of a row sum to
         less than 1 and its LSE includes it. A row is then fully masked only where its
         sink is -inf too.
+    need_lse
+        False: the LSE is not formed (None is returned in its place).
+    owned
+        The caller gives ``scores`` up: the shift is subtracted in place (the same
+        differences, one score-sized allocation fewer).
 
     Returns
     -------
@@ -48,36 +54,41 @@ def masked_softmax(scores: Any, *, masked_rows: str, xp: Any,
         (..., L, S) and (..., L); the LSE of a fully masked row is -inf whatever the
         policy.
     """
-    dtype = scores.dtype
-    device = scores.device
-    neg_inf = xp.asarray(-xp.inf, dtype=dtype, device=device)
     sink = None if sinks is None else sink_column(sinks)
     if scores.shape[-1] == 0:
         # No keys at all: every row is "fully masked"; there is nothing to weigh.
-        lse = xp.full(scores.shape[:-1], -xp.inf, dtype=dtype, device=device)
+        lse = xp.full(scores.shape[:-1], -xp.inf, dtype=scores.dtype, device=scores.device)
         if sink is not None:  # the sink alone: weight 1 on a zero value
             lse = xp.broadcast_to(sink[..., 0], lse.shape) * 1.0
         return scores, lse
-    zero = xp.asarray(0.0, dtype=dtype, device=device)
-    one = xp.asarray(1.0, dtype=dtype, device=device)
     row_max = xp.max(scores, axis=-1, keepdims=True)
     if sink is not None:
         row_max = xp.maximum(row_max, sink)
-    row_masked = row_max == neg_inf
+    row_masked = row_max == -xp.inf
     # Subtracting 0 instead of -inf on masked rows keeps exp() at exp(-inf) = 0.
-    shift = xp.where(row_masked, zero, row_max)
-    exps = xp.exp(scores - shift)
+    shift = xp.where(row_masked, constant(0.0, scores, xp=xp), row_max)
+    if owned:
+        scores -= shift
+        exps = xp.exp(scores)
+    else:
+        exps = xp.exp(scores - shift)
     total = xp.sum(exps, axis=-1, keepdims=True)
     if sink is not None:
         total = total + xp.exp(sink - shift)
-    safe_total = xp.where(row_masked, one, total)
-    weights = exps / safe_total
-    lse = xp.where(row_masked, neg_inf, xp.log(safe_total) + shift)[..., 0]
+    # A row's largest term is exp(0) = 1 (a key's or the sink's), so only a fully masked
+    # row sums to less.
+    safe_total = xp.where(row_masked, constant(1.0, scores, xp=xp), total)
+    exps /= safe_total  # exps is this function's own array: divided in place
+    weights = exps
+    lse = None
+    if need_lse:
+        lse = xp.where(row_masked, constant(-xp.inf, scores, xp=xp),
+                       xp.log(safe_total) + shift)[..., 0]
     if masked_rows == "nan":
-        weights = xp.where(row_masked, xp.asarray(xp.nan, dtype=dtype, device=device), weights)
+        weights = xp.where(row_masked, constant(xp.nan, scores, xp=xp), weights)
     elif masked_rows == "uniform":
-        uniform = xp.asarray(1.0 / scores.shape[-1], dtype=dtype, device=device)
-        weights = xp.where(row_masked, uniform, weights)
+        weights = xp.where(row_masked, constant(1.0 / scores.shape[-1], scores, xp=xp),
+                           weights)
     return weights, lse
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from .._arrays import sum_to_shape
 from .._front_door import AttentionGrads, attention, attention_backward
-from .._namespace import infer_namespace
+from .._namespace import dtype_is, infer_namespace
 from .._validate import broadcast_shapes, check_one_dtype
 from ._torch_mha import MultiheadAttention, multi_head_attention_forward
 
@@ -28,6 +28,8 @@ def _broadcast_heads(query: Any, key: Any, value: Any, xp: Any) -> Any:
     # a query with one head meets every key head. Broadcasting the query explicitly
     # turns that into refattn's grouped-query rule (K and Kv then divide H).
     heads = [x.shape[-3] for x in (query, key, value) if x.ndim >= 3]
+    if len(heads) == 3 and heads[0] == heads[1] == heads[2]:
+        return query  # the common case: one head count, nothing to broadcast
     try:
         H = broadcast_shapes(*((h,) for h in heads))[0] if heads else 1
     except ValueError:
@@ -166,7 +168,7 @@ def sdpa_translate(
                 "this ('Explicit attn_mask should not be set when is_causal=True'). Fold the "
                 "causal structure into attn_mask instead"
             )
-        if xp.isdtype(attn_mask.dtype, "bool"):
+        if dtype_is(xp, attn_mask.dtype, "bool"):
             mask = attn_mask
         elif attn_mask.dtype == xp.float32 or attn_mask.dtype == query.dtype:
             bias = attn_mask
