@@ -97,3 +97,19 @@ def to_numpy(x: Any, *, float64: bool = False) -> np.ndarray:
     if float64 and (a.dtype.kind == "f" or a.dtype.name == "bfloat16"):
         a = a.astype(np.float64)
     return a
+
+
+def records_autograd(*arrays: Any) -> bool:
+    """Whether torch's autograd records operations on any of ``arrays`` (a tensor that
+    requires grad, with grad mode on).
+
+    Then no intermediate may be written in place: autograd may have saved it for the
+    backward, and refattn's results are differentiable through torch like any other
+    torch computation. Other arrays are never recorded.
+    """
+    for x in arrays:
+        if getattr(x, "requires_grad", False) is True:
+            import torch
+
+            return bool(torch.is_grad_enabled())
+    return False

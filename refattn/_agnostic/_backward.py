@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .._arrays import sum_to_shape
+from .._arrays import records_autograd, sum_to_shape
 from .._results import AttentionGrads
 from .._types import Array, Namespace
 from ._direct import apply_dropout, group_size, raw_scores, repeat_heads
@@ -126,7 +126,10 @@ def direct_backward(problem: AttentionProblem, grad_out: Array, *, out: Array | 
     q_scaled = q * scale
     # Without softcap or score_mod the scaled scores are not read again (score_slopes
     # needs them otherwise), so the score pipeline may write into them.
-    plain = not mods.active
+    # Nor when torch's autograd records this backward (a double backward): it may have
+    # saved them.
+    in_place = not records_autograd(q, k, v, grad_out, bias, problem.qv, problem.sinks)
+    plain = not mods.active and in_place
     # Built exactly as the forward builds them, so the weights recomputed here are the
     # forward's weights, NaN propagation included.
     scores = final_scores(scaled, bias=bias, allowed=problem.visible, mods=mods, xp=xp,
@@ -157,9 +160,12 @@ def direct_backward(problem: AttentionProblem, grad_out: Array, *, out: Array | 
         torch_d = xp.sum(weights * d_weights, axis=-1, keepdims=True)
         D = xp.where(xp.all(xp.isfinite(grad_out), axis=-1, keepdims=True), D, torch_d)
     # dS = P * (dP - D), formed in dP's array (the same two roundings per entry).
-    d_weights -= D
-    d_weights *= weights
-    d_scores = d_weights
+    if in_place:
+        d_weights -= D
+        d_weights *= weights
+        d_scores = d_weights
+    else:
+        d_scores = (d_weights - D) * weights
     if all_dropped:
         # dropout_p = 1 makes the output identically zero, whatever the inputs (even
         # NaN rows under the "nan" policy), so nothing flows back.
@@ -183,7 +189,10 @@ def direct_backward(problem: AttentionProblem, grad_out: Array, *, out: Array | 
         D_rows = xp.zeros_like(D) if all_dropped else D
         dsinks = sinks_grad(problem.sinks, lse, D_rows[..., 0], xp=xp)
     dq = d_raw @ kr
-    dq *= scale  # (dS K) scale: the product is this call's own
+    if in_place:
+        dq *= scale  # (dS K) scale: the product is this call's own
+    else:
+        dq = dq * scale
     dk = sum_groups(xp.matrix_transpose(d_raw) @ q_scaled, k.shape[-3], xp=xp)
     dqv = None
     if problem.qv is not None:

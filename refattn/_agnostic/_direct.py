@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from .._arrays import records_autograd
 from .._results import AttentionResult
 from .._types import Array, Namespace
 from ._scores import constant, final_scores
@@ -94,11 +95,14 @@ def direct_attention(problem: AttentionProblem, *, need_lse: bool = True) -> Att
     H = p.q.shape[-3]
     k = repeat_heads(p.k, group_size(H, p.k.shape[-3]), xp=xp)
     v = repeat_heads(p.v, group_size(H, p.v.shape[-3]), xp=xp)
-    # raw_scores' array is new (a product, or a sum of two): final_scores may work in it.
+    # raw_scores' array is new (a product, or a sum of two): final_scores may work in it,
+    # unless torch's autograd records the computation (it may have saved the array).
+    in_place = not records_autograd(p.q, p.k, p.v, p.bias, p.alibi_slopes, p.qv, p.sinks)
     scores = final_scores(raw_scores(p, k, v), bias=p.bias_with_alibi,
-                          allowed=p.visible, mods=p.mods, xp=xp, owned=True)
+                          allowed=p.visible, mods=p.mods, xp=xp, owned=in_place)
     # Owned unless a score_mod may have handed back an array of its own.
     weights, lse = masked_softmax(scores, masked_rows=p.masked_rows, xp=xp, sinks=p.sinks,
-                                  need_lse=need_lse, owned=p.mods.score_mod is None)
+                                  need_lse=need_lse,
+                                  owned=in_place and p.mods.score_mod is None)
     out = apply_dropout(weights, p.keep, p.dropout_p, xp=xp) @ v
     return AttentionResult(out=out, lse=lse, weights=weights)

@@ -45,8 +45,9 @@ def masked_softmax(scores: Any, *, masked_rows: str, xp: Any, sinks: Any = None,
     need_lse
         False: the LSE is not formed (None is returned in its place).
     owned
-        The caller gives ``scores`` up: the shift is subtracted in place (the same
-        differences, one score-sized allocation fewer).
+        The caller gives ``scores`` up and nothing records the operations (torch's
+        autograd would have saved them): the shift is subtracted and the division done
+        in place (the same arithmetic, two score-sized allocations fewer).
 
     Returns
     -------
@@ -78,8 +79,11 @@ def masked_softmax(scores: Any, *, masked_rows: str, xp: Any, sinks: Any = None,
     # A row's largest term is exp(0) = 1 (a key's or the sink's), so only a fully masked
     # row sums to less.
     safe_total = xp.where(row_masked, constant(1.0, scores, xp=xp), total)
-    exps /= safe_total  # exps is this function's own array: divided in place
-    weights = exps
+    if owned:
+        exps /= safe_total  # exps is this function's own array: divided in place
+        weights = exps
+    else:
+        weights = exps / safe_total
     lse = None
     if need_lse:
         lse = xp.where(row_masked, constant(-xp.inf, scores, xp=xp),

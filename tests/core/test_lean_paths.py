@@ -137,3 +137,26 @@ def test_audit_runs_torch_on_one_thread_and_restores_it() -> None:
     with pytest.raises(RuntimeError), tiny_problem_threads():
         raise RuntimeError("a failing case")
     assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("options", [{}, {"causal": True}, {"sinks": True},
+                                     {"score_mod": True}])
+def test_torch_autograd_differentiates_through_the_direct_path(options):
+    # The direct path writes its own intermediates in place, except when torch's
+    # autograd records the computation: then refattn is differentiable like any torch
+    # code, and its gradients are those refattn.attention_backward computes.
+    torch = pytest.importorskip("torch")
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(2, 3, 6, 4, generator=gen, dtype=torch.float64) for _ in range(3))
+    kw: dict = {"causal": options.get("causal", False)}
+    if "sinks" in options:
+        kw["sinks"] = torch.tensor([0.3, -0.2, 1.0], dtype=torch.float64)
+    if "score_mod" in options:
+        kw["score_mod"] = lambda s, b, h, i, j: 0.5 * s
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out = refattn.attention(*leaves, implementation="direct", **kw)
+    dout = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    out.backward(dout)
+    want = refattn.attention_backward(dout, q, k, v, implementation="direct", **kw)
+    for leaf, expected in zip(leaves, want[:3], strict=True):
+        torch.testing.assert_close(leaf.grad, expected, rtol=1e-12, atol=1e-12)
