@@ -8,7 +8,7 @@ refattn's float64 oracle on the same inputs:
 * float32, float16 and bfloat16 results: the flash-attention rule, per tensor,
   ``max|actual - oracle| <= factor * max|baseline - oracle| + floor``, where the
   baseline is a plain implementation in the same precision (``_baseline``) and the
-  floor is one unit roundoff of the largest value the tensor may hold, plus what the
+  floor is one unit roundoff of the size of the terms the tensor sums, plus what the
   float32 rounding of the scores moves the tensor by (see
   ``assert_attention_close``).
 
@@ -197,12 +197,14 @@ def assert_attention_close(
       the dtype before the product with V, the output rounded; its gradients are those
       of that forward (refattn's float32 backward through the rounded scores, each
       gradient rounded). The floor is one unit roundoff u = eps/2 of the dtype times the
-      largest value the exact tensor may hold: ``max|V| / (1 - dropout_p)`` for the
-      output (a convex combination of rows of V, rescaled by the dropout), max|g| of the
-      oracle's gradient g for each gradient. Rounding the exact result to the dtype
-      alone costs up to that much, so the budget cannot fall below what a correct
-      implementation must lose, even where the baseline happens to be exact (one key,
-      equal values). Each floor adds twice what one float32 rounding of every score
+      size of the terms the tensor sums: ``max|V| / (1 - dropout_p)`` for the output (a
+      convex combination of rows of V, rescaled by the dropout); for the gradients, whose
+      terms cancel, bounds on those terms rather than on the result (for dQ
+      ``2 c |scale| max|K| ||dO|| ||V||`` with ``c = 1 / (1 - dropout_p)``; the others in
+      docs/testing.rst, "The floor"). Rounding the exact result to the dtype alone costs
+      up to that much, so the budget cannot fall below what a correct implementation
+      must lose, even where the baseline happens to be exact (one key, equal values).
+      Each floor adds twice what one float32 rounding of every score
       at the size of its terms (``A_ij = |scale| sum_e |q_ie| |k_je| + |bias_ij|``) moves
       the tensor by, for the output ``2 * 2**-24 * max_(i, c) sum_j P_ij |V_jc - O_ic|
       A_ij``: the kernel and the baseline each round their scores, and at large logits

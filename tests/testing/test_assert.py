@@ -10,7 +10,7 @@ import warnings
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import refattn
@@ -60,6 +60,12 @@ def test_torch_sdpa_on_cpu_passes(dtype, data):
     case = data.draw(ras.attention_cases(convention="torch", library="torch", dtype=dtype,
                                          dropout=False, logit_magnitudes=(1.0, 10.0)))
     kw = case.kwargs
+    # torch's fused CPU path scales its causal mask's -inf with the scores: a scale of 0
+    # gives 0 * -inf = NaN there, a negative one +inf and then NaN (the math path and
+    # refattn mask after scaling). A deviation of torch's, not a false alarm of the rule:
+    # left out of the default path.
+    assume(dtype == "float32" or not (kw["is_causal"] and kw["scale"] is not None
+                                      and kw["scale"] <= 0))
     with sdpa_kernel(SDPBackend.MATH) if dtype == "float32" else contextlib.nullcontext():
         out = torch.nn.functional.scaled_dot_product_attention(case.q, case.k, case.v, **kw)
     mask = kw["attn_mask"]
