@@ -6,6 +6,7 @@ copy and swap arrays the same way (docs/contributing.rst, "One of each utility")
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -113,3 +114,11 @@ def records_autograd(*arrays: Any) -> bool:
 
             return bool(torch.is_grad_enabled())
     return False
+
+
+def all_finite(xp: Any, *arrays: Any) -> bool:
+    """True when none of ``arrays`` (None skipped) holds a NaN or an infinity: the one
+    check with which the paths decide that the non-finite rule needs work
+    (docs/semantics.rst, "Non-finite values")."""
+    return all(x is None or not math.prod(x.shape) or bool(xp.all(xp.isfinite(x)))
+               for x in arrays)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .._arrays import records_autograd, sum_to_shape
+from .._arrays import all_finite, records_autograd, sum_to_shape
 from .._results import AttentionGrads
 from .._types import Array, Namespace
 from ._direct import apply_dropout, group_size, raw_scores, repeat_heads
@@ -152,7 +152,7 @@ def direct_backward(problem: AttentionProblem, grad_out: Array, *, out: Array | 
     # rowsum(P * dP) = sum_j P_j keep_j/(1-p) (dO . v_j) = dO . O: dropout needs no
     # separate term, and a fused kernel needs only its saved output.
     D = xp.sum(grad_out * out, axis=-1, keepdims=True)
-    if not bool(xp.all(xp.isfinite(grad_out))):
+    if not all_finite(xp, grad_out):
         # torch's softmax backward sums P * dP over every key, masked ones included:
         # on a row where dO holds a NaN or an infinity, 0 * inf makes that sum NaN where
         # dO . O need not be (docs/semantics.rst, "Non-finite values"). Only then is the

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .._arrays import sum_to_shape
+from .._arrays import all_finite, sum_to_shape
 from .._results import AttentionGrads, AttentionResult
 from .._types import Array
 from ._backward import flash_attention_backward
 from ._forward import flash_attention
 from ._launch import UnsupportedLaunch
-from ._support import NON_FINITE, all_finite
+from ._support import NON_FINITE
 
 if TYPE_CHECKING:
     from .._problem import AttentionProblem

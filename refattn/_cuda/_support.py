@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .._types import Array
+from .._arrays import all_finite
 from ._launch import MAX_HEAD_DIM
 
 if TYPE_CHECKING:
     from .._problem import AttentionProblem
 
-__all__ = ["NON_FINITE", "SUPPORTED_OPTIONS", "all_finite", "finite_inputs", "supported_options",
+__all__ = ["NON_FINITE", "SUPPORTED_OPTIONS", "finite_inputs", "supported_options",
            "unsupported", "unsupported_option"]
 
 #: Options the kernels honour at any value (GQA is inferred from the shapes).
@@ -154,12 +154,6 @@ def unsupported(problem: AttentionProblem, *, return_weights: bool) -> str | Non
 #: Why a problem with NaN or infinity in its inputs goes to the array-API path.
 NON_FINITE = ("non-finite inputs (the kernels skip hidden blocks; use implementation=None, "
               "'direct' or 'blocked')")
-
-
-def all_finite(xp: Any, *arrays: Array | None) -> bool:
-    """True when none of ``arrays`` (None skipped) holds a NaN or an infinity."""
-    return all(x is None or not math.prod(x.shape) or bool(xp.all(xp.isfinite(x)))
-               for x in arrays)
 
 
 def finite_inputs(problem: AttentionProblem) -> bool:

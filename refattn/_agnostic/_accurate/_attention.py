@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ..._arrays import all_finite
 from ..._results import AttentionGrads, AttentionResult
 from ..._types import Array
 from .._backward import direct_backward
@@ -377,7 +378,7 @@ def compensated_backward(problem: AttentionProblem, grad_out: Array) -> Attentio
         return unfold_qv_grads(problem, compensated_backward(fold_qv(problem), grad_out))
     xp = problem.xp
     nf = _NonFinite.of(problem)
-    go_bad = not bool(xp.all(xp.isfinite(grad_out)))
+    go_bad = not all_finite(xp, grad_out)
     if not (nf.scores_bad or nf.v_bad is not None or go_bad):
         return _compensated_backward(problem, grad_out, None)
     plain = direct_backward(problem, grad_out, out=None, lse=None)

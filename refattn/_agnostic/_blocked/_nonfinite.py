@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ..._arrays import all_finite
 from ..._types import Array, Namespace
 from ._block_scores import _raw_scores
 from ._inputs import _Inputs, _Rows
@@ -44,10 +45,6 @@ class _Screen:
     def scores(self) -> bool:
         """Some pre-mask score may be NaN or +inf."""
         return self.q or self.k or self.bias or self.overflow
-
-
-def _all_finite(x: Array, xp: Namespace) -> bool:
-    return bool(xp.all(xp.isfinite(x)))
 
 
 def _largest_norm(x: Array, xp: Namespace) -> float:
@@ -78,9 +75,9 @@ def screen(inp: _Inputs, plan: _Plan) -> _Screen:
     q, v = inp.q, inp.v[..., :plan.Ev]
     qn = _largest_norm(q, xp)
     kn = float(xp.max(inp.k_norm)) if math.prod(inp.k_norm.shape) else 0.0
-    q_bad = not qn < math.inf and not _all_finite(q, xp)
-    k_bad = not kn < math.inf and not _all_finite(inp.k[..., :plan.E], xp)
-    v_bad = not _largest_norm(v, xp) < math.inf and not _all_finite(v, xp)
+    q_bad = not qn < math.inf and not all_finite(xp, q)
+    k_bad = not kn < math.inf and not all_finite(xp, inp.k[..., :plan.E])
+    v_bad = not _largest_norm(v, xp) < math.inf and not all_finite(xp, v)
     top = float(xp.finfo(q.dtype).max)
     eps = float(xp.finfo(q.dtype).eps)
     bound = abs(inp.scale) * qn * kn * (1.0 + 2.0 * plan.E * eps)
@@ -182,6 +179,6 @@ def backward_screen(inp: _Inputs, plan: _Plan, grad_out: Array, out: Array, lse:
     # (the forward's ``poisoned_rows``), which the last test sees.
     if found.q or found.k or found.v or found.bias:
         return True
-    if not (_all_finite(grad_out, xp) and _all_finite(out, xp)):
+    if not all_finite(xp, grad_out, out):
         return True
     return bool(xp.any(xp.isnan(lse)))
